@@ -1,0 +1,28 @@
+"""Attention backends: the contract, the registry and the built-in backends."""
+
+from attention_backends import dense  # noqa: F401  (registers the built-in backend)
+from attention_backends.base import AttentionBackend, Capabilities, NoParams
+from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep, StepContext
+from attention_backends.registry import (
+    BackendError,
+    available_backends,
+    get_backend_class,
+    register_backend,
+    validate_params,
+)
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionSpec",
+    "BackendBatch",
+    "BackendError",
+    "Capabilities",
+    "NoParams",
+    "Phase",
+    "SeqStep",
+    "StepContext",
+    "available_backends",
+    "get_backend_class",
+    "register_backend",
+    "validate_params",
+]

@@ -1,0 +1,58 @@
+"""The backend contract: `prepare(batch)` once per step, `forward(layer, q, k, v, batch, scale)` per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from attention_backends.context import AttentionSpec, BackendBatch, SeqStep
+from kv_cache.paged_kv import PagedKVCache
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    exact: bool = False  # output equals dense attention
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    releases_blocks: bool = False  # implements blocks_to_release()
+    needs_calibration: bool = False  # implements calibrate()
+
+
+class AttentionBackend:
+    """Base class of every backend. Tensors are head-major: q `[H_q, T, D]`, k/v `[H_kv, T, D]`, where T
+    counts this backend's tokens of the step in packed order; forward returns `[H_q, T, D]`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, kv: PagedKVCache, spec: AttentionSpec) -> None:
+        self.kv = kv
+        self.spec = spec
+
+    def prepare(self, batch: BackendBatch) -> None:
+        """Once per step, before the first layer: build what every layer shares into `batch.meta`."""
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch, scale: float
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch) -> None:
+        self.kv.write(layer, k.transpose(0, 1), v.transpose(0, 1), batch.slot_mapping)
+
+    def blocks_to_release(self, seq: SeqStep) -> list[int]:
+        """Indices into the sequence's block table it will never read again (after the step ran)."""
+        return []
+
+    @classmethod
+    def calibrate(cls, model: torch.nn.Module, tokenizer: object, text: str, params: BaseModel, out_dir: Path) -> Path:
+        raise NotImplementedError(f"backend {cls.name!r} needs no calibration")

@@ -1,0 +1,1 @@
+"""Engine: requests, scheduler, model runner, sampler and the engine loop."""

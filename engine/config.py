@@ -1,0 +1,42 @@
+"""Engine settings, named as vLLM's engine arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_memory: float = 4.0  # GiB of K/V, used when num_kv_blocks is not given
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 64
+    # Cap on one prefill's chunk while other prefills wait; 0: a quarter of the token budget.
+    long_prefill_token_threshold: int = 0
+    enable_prefix_caching: bool = True
+    attention_backend: str = "dense"
+    attention_params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.num_kv_blocks is None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.long_prefill_token_threshold <= 0:
+            self.long_prefill_token_threshold = max(self.block_size, self.max_num_batched_tokens // 4)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine settings: {', '.join(unknown)}")
+        return cls(**values)

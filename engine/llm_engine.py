@@ -1,0 +1,200 @@
+"""LLMEngine: the engine loop. `add_request`, `abort`, `step`, `generate`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from attention_backends.context import AttentionSpec
+from attention_backends.registry import validate_params
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_loader import LoadedModel, layer_windows, load_model
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from kv_cache.block_pool import BlockPool, PoolUsage
+from kv_cache.manager import KVCacheManager
+from kv_cache.paged_kv import KVSpec, PagedKVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and totals so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]  # all output tokens so far
+    text: str  # all output text so far
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # for new_token_ids, when asked
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.loaded = loaded or load_model(config.model, config.device)
+        hf = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        model_len = hf.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        kv_spec = KVSpec(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, config.block_size)
+        num_blocks = config.num_kv_blocks or kv_spec.blocks_for_memory(config.kv_cache_memory)
+        fits = (num_blocks - 1) * config.block_size
+        if fits < self.max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit in the KV pool ({num_blocks} blocks of "
+                f"{config.block_size} tokens, one reserved); the largest length that fits is {fits}: lower "
+                "--max-model-len or raise --kv-cache-memory / --num-kv-blocks"
+            )
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.kv = PagedKVCache(kv_spec, num_blocks, config.device)
+        self.kv.attach(self.pool)
+        self.kv_manager = KVCacheManager(self.pool, config.block_size)
+        self.scheduler = Scheduler(config, self.kv_manager)
+        spec = AttentionSpec(hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, head_dim,
+                             self.max_model_len, config.block_size, layer_windows(hf))
+        self.runner = ModelRunner(self.loaded.model, self.kv, spec)
+        eos = self.loaded.model.generation_config.eos_token_id or hf.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.sampler = Sampler(self.eos_token_ids, config.seed)
+        self.default_backend = (config.attention_backend, validate_params(config.attention_backend,
+                                                                          config.attention_params))
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None, attention_backend: str | None = None,
+                    attention_params: dict[str, Any] | BaseModel | None = None) -> str:
+        seq = self.new_sequence(prompt, sampling, request_id, attention_backend, attention_params)
+        self.enqueue(seq)
+        return seq.request_id
+
+    def new_sequence(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                     request_id: str | None = None, attention_backend: str | None = None,
+                     attention_params: dict[str, Any] | BaseModel | None = None) -> Sequence:
+        """Validate a request and build its sequence, without touching the scheduler (any thread may call it)."""
+        sampling = sampling or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        max_new = sampling.max_tokens if sampling.max_tokens is not None else self.max_model_len - len(ids)
+        if max_new < 1 or len(ids) + max_new > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{len(ids)} prompt tokens and {max_new} output tokens"
+            )
+        if attention_backend is None and attention_params is None:
+            backend, params = self.default_backend
+        else:
+            backend = attention_backend or self.config.attention_backend
+            params = validate_params(backend, attention_params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        seq = Sequence(request_id, ids, sampling, backend, params, len(ids) + max_new, generator)
+        self.runner.backend(backend)  # fail here, not mid-step, if it cannot be built
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop_strings,
+                                                 sampling.include_stop_str_in_output, sampling.skip_special_tokens)
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def usage(self) -> PoolUsage:
+        return self.pool.usage()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        block_tables = {seq.request_id: self.kv_manager.block_table(seq.request_id) for seq, _ in sched.scheduled}
+        result = self.runner.run(sched.scheduled, block_tables)
+        sampling = [seq for seq, n in sched.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        tokens, logprobs = self.sampler(result.logits, sampling) if sampling else ([], [])
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
+        for seq, step in result.steps:
+            if not seq.is_finished:
+                step.num_cached += step.query_len  # the step's KV is in the cache now
+                release = self.runner.backends[seq.backend].blocks_to_release(step)
+                if release:
+                    self.kv_manager.release(seq.request_id, release)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        sp = seq.sampling
+        seq.token_ids.append(token)
+        stopped_by_text = seq.detokenizer.add_token(token)
+        can_stop = seq.num_output_tokens >= sp.min_tokens
+        if can_stop and not sp.ignore_eos and token in self.eos_token_ids:
+            seq.status = SequenceStatus.FINISHED_STOPPED
+        elif can_stop and token in sp.stop_token_ids:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        elif stopped_by_text:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, seq.detokenizer.stop_reason
+        elif seq.num_tokens >= seq.max_total_tokens:
+            seq.status = SequenceStatus.FINISHED_LENGTH
+        if seq.is_finished:
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+        return RequestOutput(
+            seq.request_id, seq.prompt_token_ids, [token], seq.detokenizer.take_new_text(seq.is_finished),
+            seq.output_token_ids, seq.detokenizer.output_text, seq.is_finished,
+            seq.status.value if seq.is_finished else None, seq.stop_reason, seq.num_cached_tokens,
+            [logprobs] if logprobs else [],
+        )
+
+    def generate(self, prompts: list[str | list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False, **backend: Any) -> list[RequestOutput]:
+        """Run prompts to completion; results in prompt order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [self.add_request(p, sp, **backend) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not progress) as bar:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update()
+        return [final[i] for i in ids]

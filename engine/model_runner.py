@@ -1,0 +1,83 @@
+"""ModelRunner: packs a step into one `[1, T]` batch, builds the step context, runs the HF model.
+
+The HF model runs with `use_cache=False`; its attention layers call the function registered in
+`attention_backends.hf_attention`, which reads the step context and the paged cache. The runner takes
+the scheduled work and returns logits, nothing else, so one runner per torch.distributed rank can later
+run the same steps without a rewrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention_backends.base import AttentionBackend
+from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep, StepContext
+from attention_backends.hf_attention import step_context
+from attention_backends.kernels.paged import context_slots
+from attention_backends.registry import get_backend_class
+from engine.sequence import Sequence
+from kv_cache.paged_kv import PagedKVCache
+
+
+@dataclass(slots=True)
+class StepResult:
+    logits: torch.Tensor  # [num sequences that sample, vocab], in scheduled order
+    context: StepContext
+    steps: list[tuple[Sequence, SeqStep]]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv: PagedKVCache, spec: AttentionSpec) -> None:
+        self.model = model
+        self.kv = kv
+        self.spec = spec
+        self.device = kv.device
+        self.backends: dict[str, AttentionBackend] = {}
+
+    def backend(self, name: str) -> AttentionBackend:
+        if name not in self.backends:
+            self.backends[name] = get_backend_class(name)(self.kv, self.spec)
+        return self.backends[name]
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]], block_tables: dict[str, list[int]]) -> StepResult:
+        bs = self.spec.block_size
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        logits_index: list[int] = []
+        groups: dict[str, list[tuple[SeqStep, torch.Tensor, int]]] = {}
+        steps = []
+        for seq, n in scheduled:
+            start, c = len(input_ids), seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[c : c + n])
+            positions.append(torch.arange(c, c + n))
+            table = torch.tensor(block_tables[seq.request_id], dtype=torch.long)
+            group = groups.setdefault(seq.backend, [])
+            local_start = sum(s.query_len for s, _, _ in group)
+            phase = Phase.DECODE if seq.is_decode(n) else Phase.PREFILL
+            step = SeqStep(seq.request_id, phase, local_start, n, c, table, seq.backend_params, seq.backend_state)
+            group.append((step, context_slots(table, c, c + n, bs), start))
+            steps.append((seq, step))
+            if c + n == seq.num_tokens:
+                logits_index.append(len(input_ids) - 1)
+
+        batches = {}
+        for name, group in groups.items():
+            token_index = None
+            if len(groups) > 1:
+                token_index = torch.cat([torch.arange(start, start + s.query_len) for s, _, start in group])
+            batch = BackendBatch([s for s, _, _ in group], torch.cat([slots for _, slots, _ in group]), token_index)
+            self.backend(name).prepare(batch)
+            batches[name] = batch
+        ctx = StepContext(self.kv, batches, {name: self.backends[name] for name in batches})
+
+        with step_context(ctx):
+            out = self.model(
+                input_ids=torch.tensor([input_ids], device=self.device),
+                position_ids=torch.cat(positions).unsqueeze(0).to(self.device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(logits_index, dtype=torch.long, device=self.device),
+            )
+        return StepResult(out.logits[0], ctx, steps)

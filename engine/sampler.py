@@ -1,0 +1,102 @@
+"""Batched sampler: penalties, temperature, top-k / top-p / min-p, per-request seeded draws, logprobs.
+
+Random draws use the exponential race (argmax of p / E with E ~ Exp(1)), one generator per request, so a
+seeded request samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]]  # the `logprobs` most likely tokens, best first
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], seed: int = 0) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without a seed
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        logits = logits.float()
+        raw = logits
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            self._adjust(logits[i], seq)
+        tokens = torch.empty(len(seqs), dtype=torch.long)
+        greedy = torch.tensor([s.sampling.greedy for s in seqs])
+        if greedy.any():
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        rand = (~greedy).nonzero().flatten().tolist()
+        if rand:
+            probs = self._probs(logits[rand], [seqs[i] for i in rand])
+            for row, i in enumerate(rand):
+                gen = seqs[i].generator or self.generator
+                race = torch.empty_like(probs[row]).exponential_(generator=gen)
+                tokens[i] = (probs[row] / race).argmax()
+        return tokens.tolist(), self._logprobs(raw, tokens, seqs)
+
+    def _adjust(self, row: torch.Tensor, seq: Sequence) -> None:
+        sp = seq.sampling
+        if seq.num_output_tokens < sp.min_tokens:
+            banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
+            row[banned] = float("-inf")
+        if not sp.has_penalties:
+            return
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long)
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+        if out.numel():
+            counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+            row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.sampling.temperature for s in seqs]).unsqueeze(1)
+        logits = logits / temps
+        top_k = [s.sampling.effective_top_k for s in seqs]
+        top_p = [s.sampling.top_p for s in seqs]
+        if any(top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            vocab = logits.shape[-1]
+            ranks = torch.arange(vocab).unsqueeze(0)
+            k = torch.tensor([k or vocab for k in top_k]).unsqueeze(1)
+            drop = ranks >= k
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+            drop |= (cum - sorted_logits.softmax(dim=-1)) >= torch.tensor(top_p).unsqueeze(1)
+            sorted_logits[drop] = float("-inf")
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        min_p = torch.tensor([s.sampling.min_p for s in seqs]).unsqueeze(1)
+        if (min_p > 0).any():
+            probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+        return probs
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprobs | None]:
+        wanted = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
+        result: list[TokenLogprobs | None] = [None] * len(seqs)
+        if not wanted:
+            return result
+        lp = raw[wanted].log_softmax(dim=-1)
+        for row, i in enumerate(wanted):
+            tok = int(tokens[i])
+            chosen = lp[row, tok]
+            rank = int((lp[row] > chosen).sum()) + 1
+            k = seqs[i].sampling.logprobs
+            top_vals, top_ids = lp[row].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            result[i] = TokenLogprobs(tok, float(chosen), rank, list(zip(top_ids.tolist(), top_vals.tolist())))
+        return result

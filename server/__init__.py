@@ -1,0 +1,1 @@
+"""HTTP front end and the longserve CLI."""
