@@ -27,6 +27,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,6 +93,7 @@ class Scheduler:
         return len(self.waiting) + sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens > 1)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.kv.free(seq.request_id)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
