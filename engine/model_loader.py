@@ -119,7 +119,7 @@ def check_config(config: PretrainedConfig) -> None:
     archs = config.architectures or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ModelLoadError(
-            f"unsupported architecture {', '.join(archs) or config.model_type!r}; "
+            f"unsupported architecture {', '.join(archs) or config.model_type}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     for attr in ("rope_parameters", "rope_scaling"):

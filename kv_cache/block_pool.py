@@ -128,12 +128,12 @@ class BlockPool:
         block.ref_count += 1
 
     def cache_block(self, block: Block, block_hash: bytes, token_ids: Sequence[int]) -> None:
-        if not self.enable_caching or block.block_hash is not None:
+        # A duplicate of a block cached earlier stays unhashed (reused first once free); tables never change.
+        if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
             return
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
-        # An identical block cached earlier keeps the entry; tables stay append-only either way.
-        self._cached.setdefault(block_hash, block.block_id)
+        self._cached[block_hash] = block.block_id
 
     def record_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries += queried_tokens
@@ -156,8 +156,7 @@ class BlockPool:
     # -- internals --------------------------------------------------------------------------
 
     def _evict(self, block: Block) -> None:
-        if self._cached.get(block.block_hash) == block.block_id:
-            del self._cached[block.block_hash]
+        del self._cached[block.block_hash]
         block.block_hash = None
         block.token_ids = ()
         self._reset(block.block_id)

@@ -1,0 +1,102 @@
+"""Model loading (errors included) and other HF families through the packed path: Qwen2 and Mistral with
+sliding windows, Qwen3, checked against stock transformers on tiny random-weight models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_loader import ModelLoadError, check_config, layer_windows, load_model
+from engine.sampling_params import SamplingParams
+from tests.conftest import natural_text
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, vocab_size=49152)
+FAMILIES = {
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "mistral": dict(model_type="mistral", sliding_window=6),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+}
+
+
+def _save_tiny(tmp_path, family: str, loaded) -> str:
+    kw = dict(FAMILIES[family])
+    config = AutoConfig.for_model(kw.pop("model_type"), **TINY, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_family_matches_hf(tmp_path, loaded, family):
+    path = _save_tiny(tmp_path, family, loaded)
+    tiny = load_model(path, progress=False)
+    windows = layer_windows(tiny.config)
+    if family != "qwen3":
+        assert any(w is not None for w in windows), windows
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_num_batched_tokens=16), loaded=tiny)
+    prompts = [loaded.tokenizer.encode(natural_text(n, n)) for n in (1, 2, 3)]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, sp) for p in prompts]
+    logprobs = {i: [] for i in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    for p, rid in zip(prompts, ids):
+        outs, tokens = [], list(p)
+        with torch.inference_mode():
+            for _ in range(6):
+                lp = ref(torch.tensor([tokens])).logits[0, -1].log_softmax(-1)
+                tok = int(lp.argmax())
+                outs.append(float(lp[tok]))
+                tokens.append(tok)
+        assert torch.allclose(torch.tensor(logprobs[rid]), torch.tensor(outs), atol=1e-4)
+    assert engine.usage().used == 0
+
+
+def test_missing_path_and_non_model_inputs(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nothing"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture GPT2LMHeadModel"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE scaling type 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+                           "original_max_position_embeddings": 256}}, "RoPE scaling type 'longrope'"),
+        ({"final_logit_softcapping": 30.0}, "soft-capping"),
+    ],
+)
+def test_configs_the_engine_cannot_run(extra, message):
+    config = AutoConfig.for_model("llama", **TINY, architectures=["LlamaForCausalLM"])
+    if "rope_scaling" in extra:
+        config.rope_parameters = dict(extra["rope_scaling"], rope_theta=10000.0)
+    else:
+        config.final_logit_softcapping = extra["final_logit_softcapping"]
+    with pytest.raises(ModelLoadError, match=message):
+        check_config(config)
+
+
+def test_max_model_len_must_fit_the_pool(loaded):
+    with pytest.raises(ValueError, match="largest length that fits is 1584"):
+        LLMEngine(EngineConfig(num_kv_blocks=100, max_model_len=4096), loaded=loaded)

@@ -1,0 +1,110 @@
+"""Sampling params validation, seeded reproducibility, stops, detokenization, request validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from attention_backends import BackendError
+from engine.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"stop": 5}, "stop must be a string or a list of strings"),
+        ({"stop": ["ok", 3]}, "stop must be"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"n": 0}, "n must be"),
+    ],
+)
+def test_invalid_params_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
+    engine = make_engine()
+    prompt = "Write a short story about a lighthouse keeper."
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = engine.generate([prompt], sp)[0].token_ids
+    crowd = engine.generate(["Unrelated prompt number one.", prompt, "Another one, longer, about ships and the sea."],
+                            [SamplingParams(temperature=1.0, max_tokens=30), sp, SamplingParams(temperature=0.7)])
+    assert crowd[1].token_ids == alone
+    other = engine.generate([prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=24, ignore_eos=True))
+    assert other[0].token_ids != alone
+
+
+def test_penalties_min_p_and_logprobs(make_engine):
+    engine = make_engine()
+    sp = SamplingParams(temperature=0.8, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5,
+                        presence_penalty=0.5, seed=3, max_tokens=12, logprobs=3, ignore_eos=True)
+    out = engine.generate(["List some fruits: apple, apple, apple,"], sp)[0]
+    assert len(out.token_ids) == 12
+    greedy = engine.generate(["The sky is"], SamplingParams(temperature=0, max_tokens=3, logprobs=2))[0]
+    assert greedy.finished
+
+
+def test_logprobs_report_the_sampled_token(make_engine):
+    engine = make_engine()
+    rid = engine.add_request("The sky is", SamplingParams(temperature=0, max_tokens=3, logprobs=2))
+    seen = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            seen.extend(out.logprobs)
+    assert len(seen) == 3
+    for lp in seen:
+        assert lp.rank == 1 and lp.top[0][0] == lp.token_id and lp.logprob <= 0 and len(lp.top) == 2
+
+
+def test_stop_strings_and_stop_tokens(make_engine):
+    engine = make_engine()
+    base = engine.generate(["Count: one, two, three,"], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert len(base.text) > 4
+    stop = base.text[2:4]
+    out = engine.generate(["Count: one, two, three,"], SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == base.text[: base.text.index(stop)]
+    tok = base.token_ids[3]
+    out = engine.generate(["Count: one, two, three,"],
+                          SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[tok]))[0]
+    assert out.stop_reason == tok and out.token_ids == base.token_ids[: base.token_ids.index(tok) + 1]
+    assert engine.usage().used == 0
+
+
+def test_streamed_text_equals_final_text(make_engine):
+    engine = make_engine()
+    rid = engine.add_request("Tell me about Paris in one sentence. Café, naïve, 東京.",
+                             SamplingParams(temperature=0, max_tokens=40, stop=["zzzz"], ignore_eos=True))
+    pieces, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            final = out
+    assert final is not None and final.request_id == rid
+    assert "".join(pieces) == final.text == engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+    assert final.finish_reason == "length"
+
+
+def test_request_validation(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="maximum context length is 4096"):
+        engine.add_request([1] * 4000, SamplingParams(max_tokens=200))
+    with pytest.raises(BackendError, match="registered: dense"):
+        engine.add_request("hi", attention_backend="nope")
+    with pytest.raises(BackendError, match="invalid attention_params"):
+        engine.add_request("hi", attention_backend="dense", attention_params={"window": 3})
+    assert not engine.has_unfinished_requests()
