@@ -8,7 +8,7 @@ never import the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from kv_cache.paged_kv import PagedKVCache
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from engine.sampling_params import SamplingParams
 
 
-class SequenceStatus(str, Enum):
+class SequenceStatus(StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED_STOPPED = "stop"
