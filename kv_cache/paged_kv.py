@@ -70,10 +70,15 @@ class PagedKVCache:
         self.k[layer].view(-1, hkv, d)[slot_mapping] = k
         self.v[layer].view(-1, hkv, d)[slot_mapping] = v
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V at the given slots (any shape of slot indices, one `[num_kv_heads, head_dim]` each)."""
-        hkv, d = self.spec.num_kv_heads, self.spec.head_dim
-        return self.k[layer].view(-1, hkv, d)[slots], self.v[layer].view(-1, hkv, d)[slots]
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole blocks: `block_ids` of any shape `S` gives `[*S, block_size, num_kv_heads, head_dim]`.
+        Copying whole blocks is several times faster than gathering token by token, and consecutive blocks
+        (the pool hands them out in order, so a lone sequence usually has them) are not copied at all."""
+        first, n = int(block_ids.flatten()[0]), block_ids.numel()
+        if int(block_ids.flatten()[-1]) - first == n - 1 and (n == 1 or bool((block_ids.flatten().diff() == 1).all())):
+            shape = (*block_ids.shape, *self.k[layer].shape[1:])
+            return self.k[layer][first : first + n].view(shape), self.v[layer][first : first + n].view(shape)
+        return self.k[layer][block_ids], self.v[layer][block_ids]
 
     def register_side_table(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> SideTable:
         """Create (or return the existing) side table `name` with `shape` per (layer, block)."""

@@ -111,9 +111,10 @@ def test_side_table_is_cleared_with_its_block():
 def test_kv_write_and_gather_roundtrip():
     spec = KVSpec(num_layers=1, num_kv_heads=2, head_dim=3, block_size=BS)
     kv = PagedKVCache(spec, 4)
-    k, v = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
-    slots = torch.tensor([4, 5, 6, 7, 12])
-    kv.write(0, k, v, slots)
-    gk, gv = kv.gather(0, slots)
-    assert torch.equal(gk, k) and torch.equal(gv, v)
+    k, v = torch.randn(8, 2, 3), torch.randn(8, 2, 3)
+    kv.write(0, k, v, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15]))  # blocks 1 and 3
+    for table in ([1, 3], [3, 1], [1]):  # scattered blocks are copied, consecutive ones viewed
+        gk, gv = kv.gather(0, torch.tensor(table))
+        expect = torch.cat([k[:4] if b == 1 else k[4:] for b in table]).view(len(table), BS, 2, 3)
+        assert torch.equal(gk, expect) and gv.shape == expect.shape
     assert spec.block_bytes == 2 * BS * 2 * 3 * 4

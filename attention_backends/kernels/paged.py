@@ -9,11 +9,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kv_cache.paged_kv import PagedKVCache
+
 
 def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
     """Cache slots of positions `[start, end)` of a sequence."""
     pos = torch.arange(start, end)
     return block_table[pos // block_size] * block_size + pos % block_size
+
+
+def gather_context(kv: PagedKVCache, layer: int, block_table: torch.Tensor, length: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's first `length` keys and values, head-major `[H_kv, length, D]`."""
+    nb = -(-length // kv.spec.block_size)
+    k, v = kv.gather(layer, block_table[:nb])
+    return (t.flatten(0, 1)[:length].transpose(0, 1) for t in (k, v))
 
 
 def causal_mask(num_cached: int, query_len: int, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -29,7 +39,9 @@ def causal_mask(num_cached: int, query_len: int, key_positions: torch.Tensor, wi
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
          causal: bool = False) -> torch.Tensor:
-    """Attention of `[..., H_q, T, D]` queries over `[..., H_kv, K, D]` keys, GQA expanded inside the kernel."""
+    """Attention of `[B?, H_q, T, D]` queries over `[B?, H_kv, K, D]` keys, GQA expanded inside the kernel."""
+    if q.dim() == 3:  # the fused CPU kernels take 4-D inputs only; 3-D falls back to the slow math path
+        return sdpa(q[None], k[None], v[None], scale, mask, causal)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
 
 
@@ -43,20 +55,22 @@ def prefill_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     return sdpa(q, k_ctx, v_ctx, scale, mask=causal_mask(num_cached, tq, torch.arange(tk), window))
 
 
-def decode_slots(block_tables: list[torch.Tensor], context_lens: list[int], block_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded slot indices `[B, L_max]` of each decoding sequence's context and the valid-key mask."""
-    lmax = max(context_lens)
-    slots = torch.zeros(len(context_lens), lmax, dtype=torch.long)
-    valid = torch.zeros(len(context_lens), lmax, dtype=torch.bool)
-    for i, (table, n) in enumerate(zip(block_tables, context_lens)):
-        slots[i, :n] = context_slots(table, 0, n, block_size)
-        valid[i, :n] = True
-    return slots, valid
+def padded_block_tables(block_tables: list[torch.Tensor], context_lens: list[int], block_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block tables `[B, N_max]` covering each decoding sequence's context (padded with the null block), and
+    the valid-key mask `[B, N_max * block_size]`, or None when every key is valid."""
+    nblocks = [-(-n // block_size) for n in context_lens]
+    tables = torch.zeros(len(context_lens), max(nblocks), dtype=torch.long)
+    for i, (table, nb) in enumerate(zip(block_tables, nblocks)):
+        tables[i, :nb] = table[:nb]
+    lens = torch.tensor(context_lens).unsqueeze(1)
+    valid = torch.arange(tables.shape[1] * block_size).unsqueeze(0) < lens
+    return tables, None if bool(valid.all()) else valid
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, scale: float
                      ) -> torch.Tensor:
-    """Batched decode: q `[B, H_q, D]`, k/v `[B, L, H_kv, D]` gathered from the cache, valid `[B, L]`."""
-    out = sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask=valid[:, None, None, :])
+    """Batched decode: q `[B, H_q, D]`, k/v `[B, L, H_kv, D]` gathered from the cache, valid `[B, L]` or None."""
+    mask = None if valid is None else valid[:, None, None, :]
+    out = sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask=mask)
     return out.squeeze(2)
