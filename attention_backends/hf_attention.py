@@ -6,6 +6,7 @@ boundaries in the packed `[1, T]` batch; it learns them from the step context se
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,23 +20,24 @@ ATTN_IMPLEMENTATION = "longserve"
 # kwargs that change the math and that no backend implements; silently ignoring them would be wrong.
 _UNSUPPORTED = ("s_aux", "softcap")
 
-_current: StepContext | None = None
+# Per thread: engines in different threads (a server's loop thread, a test or benchmark beside it) may
+# run the same model at once.
+_local = threading.local()
 
 
 @contextmanager
 def step_context(ctx: StepContext) -> Iterator[None]:
-    global _current
-    _current = ctx
+    _local.ctx = ctx
     try:
         yield
     finally:
-        _current = None
+        _local.ctx = None
 
 
 def longserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
-    ctx = _current
+    ctx = getattr(_local, "ctx", None)
     if ctx is None:
         raise RuntimeError("longserve attention called outside an engine step")
     for name in _UNSUPPORTED:

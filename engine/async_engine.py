@@ -1,8 +1,10 @@
 """AsyncEngine: the engine loop in a background thread, per-request async streams of outputs.
 
-Requests are validated on the caller's thread (errors raise there, before anything is streamed), then
-handed to the loop thread, which alone touches the scheduler and the model. A caller that stops
-iterating (a client that went away) aborts its request, and its blocks are freed on the next turn.
+Requests are validated on the caller's thread (`LLMEngine.new_sequence` raises there, before anything is
+streamed), then handed to the loop thread, which alone touches the scheduler and the model. A caller that
+stops iterating (a client that went away) aborts its requests, and their blocks are freed on the next turn.
+After every turn the loop publishes an `EngineStats` snapshot, so readers on other threads (metrics,
+admission control) never walk the scheduler's queues while it changes them.
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from engine.llm_engine import LLMEngine, RequestOutput
+from engine.llm_engine import EngineStepError, LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from kv_cache.block_pool import PoolUsage
 
 logger = logging.getLogger(__name__)
 
 
-class EngineStepError(RuntimeError):
-    """The engine failed while running a step that held this request."""
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: tuple[str, ...]  # request ids
+    waiting: tuple[str, ...]
+    usage: PoolUsage
+    num_preemptions: int
 
 
 class AsyncEngine:
@@ -30,33 +38,44 @@ class AsyncEngine:
         self.engine = engine
         self._new: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (the caller's loop, its queue, the sequence's index in the caller's group)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._wake = threading.Event()
         self._stop = False
+        self.stats = self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                        request_id: str | None = None, **backend: Any) -> AsyncIterator[RequestOutput]:
+        """One request's outputs; validation errors raise on the first iteration."""
         seq = self.engine.new_sequence(prompt, sampling, request_id, **backend)
-        rid = seq.request_id
-        if rid in self._streams:
-            raise ValueError(f"request id {rid!r} is already in use")
+        async for _, out in self.stream([seq]):
+            yield out
+
+    async def stream(self, seqs: list[Sequence]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run validated sequences together (the n choices or the prompts of one API request); yields
+        `(index in seqs, output)` as steps produce them. An error in one aborts the others."""
+        taken = [s.request_id for s in seqs if s.request_id in self._streams]
+        if taken or len({s.request_id for s in seqs}) < len(seqs):
+            raise ValueError(f"request id {(taken or [seqs[0].request_id])[0]!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), queue)
-        self._new.append(seq)
+        loop = asyncio.get_running_loop()
+        for i, seq in enumerate(seqs):
+            self._streams[seq.request_id] = (loop, queue, i)
+        self._new.extend(seqs)
         self._wake.set()
-        finished = False
+        pending = {s.request_id for s in seqs}
         try:
-            while not finished:
-                item = await queue.get()
+            while pending:
+                index, item = await queue.get()
                 if isinstance(item, BaseException):
-                    finished = True
                     raise item
-                finished = item.finished
-                yield item
+                if item.finished:
+                    pending.discard(item.request_id)
+                yield index, item
         finally:
-            if not finished:
+            for rid in pending:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
@@ -71,15 +90,20 @@ class AsyncEngine:
 
     # -- the loop thread --------------------------------------------------------------------------
 
+    def _snapshot(self) -> EngineStats:
+        sched = self.engine.scheduler
+        return EngineStats(tuple(s.request_id for s in sched.running), tuple(s.request_id for s in sched.waiting),
+                           self.engine.usage(), sched.num_preemptions)
+
     def _post(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)
         if target is None:
             return
-        loop, queue = target
+        loop, queue, index = target
         if isinstance(item, BaseException) or item.finished:
             self._streams.pop(request_id, None)
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(queue.put_nowait, (index, item))
         except RuntimeError:  # the caller's event loop is closed; nobody is listening any more
             self.engine.abort(request_id)
 
@@ -93,6 +117,7 @@ class AsyncEngine:
                 if seq.request_id in self._streams:
                     engine.enqueue(seq)
             if not engine.has_unfinished_requests():
+                self.stats = self._snapshot()
                 self._wake.wait()
                 self._wake.clear()
                 continue
@@ -104,6 +129,10 @@ class AsyncEngine:
                 for rid in running:
                     engine.abort(rid)
                     self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}"))
-                continue
+                outputs = []
+            while engine.step_errors:
+                rid, exc = engine.step_errors.popitem()
+                self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}"))
+            self.stats = self._snapshot()
             for out in outputs:
                 self._post(out.request_id, out)

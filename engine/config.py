@@ -21,7 +21,8 @@ class EngineConfig:
     attention_backend: str = "dense"
     attention_params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA where a GPU is found, else the CPU
+    dtype: str = "auto"  # "auto": float32 on CPU, the checkpoint's half precision (or bfloat16) on GPU
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -16,7 +16,7 @@ from attention_backends.registry import validate_params
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_loader import LoadedModel, layer_windows, load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepResult
 from engine.sampler import Sampler, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -26,6 +26,25 @@ from kv_cache.manager import KVCacheManager
 from kv_cache.paged_kv import KVSpec, PagedKVCache
 
 logger = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while running a step that held this request."""
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus requested output do not fit the model's context; the message reads as vLLM's."""
+
+    def __init__(self, max_model_len: int, prompt_len: int, max_tokens: int | None) -> None:
+        self.max_model_len, self.prompt_len, self.max_tokens = max_model_len, prompt_len, max_tokens
+        if max_tokens is None or prompt_len >= max_model_len:
+            detail = (f"However, your prompt contains {prompt_len} input tokens, which exceeds this limit even "
+                      "without any output tokens. Please reduce the length of the input prompt.")
+        else:
+            detail = (f"However, you requested {max_tokens} output tokens and your prompt contains {prompt_len} "
+                      f"input tokens, for a total of {prompt_len + max_tokens} tokens. Please reduce the length "
+                      "of the input prompt or the number of requested output tokens.")
+        super().__init__(f"This model's maximum context length is {max_model_len} tokens. {detail}")
 
 
 @dataclass(slots=True)
@@ -48,13 +67,14 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(config.model, config.device)
+        self.loaded = loaded or load_model(config.model, config.device, dtype=config.dtype)
         hf = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         model_len = hf.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        kv_spec = KVSpec(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, config.block_size)
+        weights = next(self.loaded.model.parameters())
+        kv_spec = KVSpec(hf.num_hidden_layers, hf.num_key_value_heads, head_dim, config.block_size, weights.dtype)
         num_blocks = config.num_kv_blocks or kv_spec.blocks_for_memory(config.kv_cache_memory)
         fits = (num_blocks - 1) * config.block_size
         if fits < self.max_model_len:
@@ -64,7 +84,7 @@ class LLMEngine:
                 "--max-model-len or raise --kv-cache-memory / --num-kv-blocks"
             )
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
-        self.kv = PagedKVCache(kv_spec, num_blocks, config.device)
+        self.kv = PagedKVCache(kv_spec, num_blocks, weights.device)
         self.kv.attach(self.pool)
         self.kv_manager = KVCacheManager(self.pool, config.block_size)
         self.scheduler = Scheduler(config, self.kv_manager)
@@ -77,6 +97,7 @@ class LLMEngine:
         self.default_backend = (config.attention_backend, validate_params(config.attention_backend,
                                                                           config.attention_params))
         self.requests: dict[str, Sequence] = {}
+        self.step_errors: dict[str, Exception] = {}  # requests that failed in a step, until the caller takes them
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -101,10 +122,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         max_new = sampling.max_tokens if sampling.max_tokens is not None else self.max_model_len - len(ids)
         if max_new < 1 or len(ids) + max_new > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{len(ids)} prompt tokens and {max_new} output tokens"
-            )
+            raise ContextLengthError(self.max_model_len, len(ids), sampling.max_tokens)
         if attention_backend is None and attention_params is None:
             backend, params = self.default_backend
         else:
@@ -147,20 +165,43 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         block_tables = {seq.request_id: self.kv_manager.block_table(seq.request_id) for seq, _ in sched.scheduled}
-        result = self.runner.run(sched.scheduled, block_tables)
-        sampling = [seq for seq, n in sched.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
-        tokens, logprobs = self.sampler(result.logits, sampling) if sampling else ([], [])
-        for seq, n in sched.scheduled:
+        scheduled = sched.scheduled
+        try:
+            results = [self.runner.run(scheduled, block_tables)]
+        except Exception:
+            scheduled, results = self._isolate_failures(scheduled, block_tables)
+        sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+        logits = torch.cat([r.logits for r in results]) if results else None
+        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+        for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
-        for seq, step in result.steps:
+        for seq, step in (step for r in results for step in r.steps):
             if not seq.is_finished:
                 step.num_cached += step.query_len  # the step's KV is in the cache now
                 release = self.runner.backends[seq.backend].blocks_to_release(step)
                 if release:
                     self.kv_manager.release(seq.request_id, release)
         return outputs
+
+    def _isolate_failures(self, scheduled: list[tuple[Sequence, int]], block_tables: dict[str, list[int]]
+                          ) -> tuple[list[tuple[Sequence, int]], list[StepResult]]:
+        """A step failed: rerun its sequences one by one, so the one that fails fails alone. The failed ones
+        are finished with status error and listed in `step_errors`; nothing of the step was committed, so
+        the others simply go on."""
+        kept, results = [], []
+        for seq, n in scheduled:
+            try:
+                results.append(self.runner.run([(seq, n)], block_tables))
+                kept.append((seq, n))
+            except Exception as exc:
+                logger.exception("request %s failed inside the engine", seq.request_id)
+                self.step_errors[seq.request_id] = exc
+                seq.status = SequenceStatus.FINISHED_ERROR
+                self.requests.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+        return kept, results
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         sp = seq.sampling
@@ -197,4 +238,10 @@ class LLMEngine:
                     if out.finished:
                         final[out.request_id] = out
                         bar.update()
+                failed = next((i for i in ids if i in self.step_errors), None)
+                if failed is not None:
+                    for i in ids:
+                        self.abort(i)
+                    exc = self.step_errors.pop(failed)
+                    raise EngineStepError(f"request {failed} failed inside the engine: {exc}") from exc
         return [final[i] for i in ids]

@@ -157,13 +157,42 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model: str | None, device: str = "cpu", progress: bool = True) -> LoadedModel:
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA where a GPU is found, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but torch finds no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig) -> torch.dtype:
+    """As vLLM's --dtype: "auto" keeps a half-precision checkpoint's dtype on GPU (a float32 one runs in
+    bfloat16 there) and runs float32 on CPU, where half precision has no fast kernels."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ModelLoadError(f"unknown --dtype {dtype!r}; choose auto or one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = _DTYPES.get(stored, stored) if isinstance(stored, str) else stored
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model(model: str | None, device: str = "cpu", progress: bool = True, dtype: str = "auto") -> LoadedModel:
     model_dir, name = resolve_model_dir(model, progress)
     config = AutoConfig.from_pretrained(model_dir)
     check_config(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    target = resolve_device(device)
     hf_model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
-    ).to(device)
+        model_dir, dtype=resolve_dtype(dtype, target, config), attn_implementation=ATTN_IMPLEMENTATION
+    ).to(target)
     hf_model.eval()
     return LoadedModel(hf_model, tokenizer, hf_model.config, name, model_dir, fingerprint(model_dir))

@@ -28,7 +28,7 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        logits = logits.float()
+        logits = logits.float().cpu()  # sampling is per-request Python work; the CPU does it either way
         raw = logits
         logits = logits.clone()
         for i, seq in enumerate(seqs):

@@ -7,8 +7,12 @@ import json
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 
+from attention_backends.base import NoParams
 from engine.config import EngineConfig
+from engine.model_loader import EMBEDDED_NAME
+from server.config import ServedModel, ServerConfig, api_keys_from, read_config_file, served_models_from
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +30,71 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=d.attention_backend)
     g.add_argument("--attention-params", type=json.loads, default={}, help="JSON object of backend params")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto (CUDA where a GPU is found), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig(EngineConfig(), [ServedModel("-", "dense", NoParams())])
+    parser.add_argument("--config", default=None, help="YAML with these settings and `served_models`; flags win")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--api-key", action="append", default=None,
+                   help="required as `Authorization: Bearer KEY` on every route but /health; repeatable; "
+                        "LONGSERVE_API_KEY adds comma-separated keys")
+    g.add_argument("--served-model-name", default=None, help="name of the served model when the config lists none")
+    g.add_argument("--allowed-origins", type=json.loads, default=[],
+                   help='JSON list of CORS origins, e.g. \'["https://app.example"]\'; none: CORS off')
+    g.add_argument("--max-num-queued-tokens", type=int, default=d.max_num_queued_tokens,
+                   help="prompt tokens that may wait for prefill before new requests get 429")
+    g.add_argument("--max-n-sequences", type=int, default=d.max_n_sequences,
+                   help="cap on n times the number of prompts in one request")
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    g.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="413 above this; 0: 64 bytes per token of max_model_len, at least 2 MiB")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds to drain in-flight requests after SIGTERM")
+    g.add_argument("--uvicorn-log-level", default="info")
+
+
+def server_config_from_args(args: argparse.Namespace, served_models: list[dict] | None) -> ServerConfig:
+    engine = engine_config_from_args(args)
+    default_name = args.served_model_name or (Path(engine.model).stem if engine.model else EMBEDDED_NAME)
+    return ServerConfig(
+        engine=engine, served_models=served_models_from(served_models, default_name, engine), host=args.host,
+        port=args.port, api_keys=api_keys_from(args.api_key), allowed_origins=args.allowed_origins,
+        max_num_queued_tokens=args.max_num_queued_tokens, max_n_sequences=args.max_n_sequences,
+        max_logprobs=args.max_logprobs, max_request_body_bytes=args.max_request_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.launch import serve
+
+    return serve(server_config_from_args(args, args.served_models), args.uvicorn_log_level)
+
+
+def _parse(parser: argparse.ArgumentParser, serve_parser: argparse.ArgumentParser, argv: list[str] | None
+           ) -> argparse.Namespace:
+    """Flags, with a --config file's values as their defaults (so a flag on the command line wins)."""
+    args = parser.parse_args(argv)
+    args.served_models = None
+    if getattr(args, "config", None):
+        values = read_config_file(args.config)
+        served = values.pop("served_models", None)
+        unknown = sorted(set(values) - set(vars(args)) - {"config", "command", "func"})
+        if unknown:
+            raise ValueError(f"{args.config}: unknown settings {', '.join(unknown)}")
+        serve_parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+        args.served_models = served
+    return args
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -66,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
-    args = parser.parse_args(argv)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_server_args(srv)
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = _parse(parser, srv, argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

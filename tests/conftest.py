@@ -52,3 +52,36 @@ def hf_reference(loaded: LoadedModel):
 
     model = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def server_engine(loaded: LoadedModel):
+    """The engine behind every in-process test server (one at a time uses it; they run sequentially)."""
+    from engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(num_kv_blocks=1200, max_model_len=4096, max_num_batched_tokens=2048),
+                                   loaded=loaded))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def start_server(server_engine):
+    """Starts a real uvicorn server on a free loopback port over the shared engine, with config overrides."""
+    from server_harness import RunningServer
+
+    running: list[RunningServer] = []
+
+    def start(**overrides) -> RunningServer:
+        server = RunningServer(server_engine, **overrides)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server):
+    return start_server()

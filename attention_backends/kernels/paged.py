@@ -42,6 +42,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: 
     """Attention of `[B?, H_q, T, D]` queries over `[B?, H_kv, K, D]` keys, GQA expanded inside the kernel."""
     if q.dim() == 3:  # the fused CPU kernels take 4-D inputs only; 3-D falls back to the slow math path
         return sdpa(q[None], k[None], v[None], scale, mask, causal)[0]
+    if mask is not None:
+        mask = mask.to(q.device)  # masks are built on the CPU next to the block tables
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
 
 

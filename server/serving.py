@@ -1,0 +1,161 @@
+"""From a validated request body to engine sequences and back: the part completions and chat share.
+
+`prepare` does everything that can fail before a byte is sent (model lookup, sampling checks, context
+length, backend params, admission); `run` streams the sequences' outputs, keeps the metrics, and gives the
+admission ticket back at the first output. Closing the iterator (a client that left) aborts whatever of the
+request is still in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from jinja2 import TemplateError
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from attention_backends.registry import BackendError, validate_params
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import ContextLengthError, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from server.admission import Admission, Ticket
+from server.config import ServedModel, ServerConfig
+from server.errors import APIError
+from server.metrics import RequestTrack, ServerMetrics
+from server.protocol import ChatMessage, OpenAIRequest
+
+_LONG_TEXT = 20_000  # characters: tokenize longer texts off the event loop
+
+
+@dataclass
+class Job:
+    """One API request: its sequences (prompt-major, n per prompt), and what they need on the way out."""
+
+    served: ServedModel
+    backend: str
+    sampling: SamplingParams
+    n: int
+    prompt_ids: list[list[int]]
+    seqs: list[Sequence]
+    ticket: Ticket | None
+    tracks: list[RequestTrack] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompt_ids)
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, metrics: ServerMetrics, admission: Admission
+                 ) -> None:
+        self.engine, self.config, self.metrics, self.admission = engine, config, metrics, admission
+        self.llm = engine.engine
+        self.tokenizer = self.llm.tokenizer
+        self.max_model_len = self.llm.max_model_len
+        self.model_of: dict[str, str] = {}  # engine request id -> served model name, for the metrics
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def resolve(self, name: str | None) -> ServedModel:
+        served = self.config.served(name)
+        if served is None:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+        return served
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _LONG_TEXT:
+            return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                  continue_final_message: bool = False) -> str:
+        """The tokenizer's chat template, with nothing from the request beyond the messages and the two flags."""
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
+        except (TemplateError, ValueError) as e:
+            raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
+
+    def prepare(self, req: OpenAIRequest, prompt_ids: list[list[int]], param: str) -> Job:
+        served = self.resolve(req.model)
+        if not prompt_ids or any(not p for p in prompt_ids):
+            raise APIError(400, "the prompt is empty", param)
+        if req.n * len(prompt_ids) > self.config.max_n_sequences:
+            raise APIError(400, f"n ({req.n}) times the number of prompts ({len(prompt_ids)}) exceeds this server's "
+                                f"limit of {self.config.max_n_sequences} sequences per request", "n")
+        if req.max_new_tokens() == 0:  # vLLM's echo-only request: the prompt back, nothing generated
+            if not req.echo:
+                raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
+            return Job(served, served.attention_backend, SamplingParams(max_tokens=1), req.n, prompt_ids, [], None)
+        try:
+            sampling = req.sampling_params()
+        except ValueError as e:  # SamplingParams' messages start with the field they are about
+            field_name = str(e).split(" ", 1)[0]
+            raise APIError(400, str(e), field_name if field_name in type(req).model_fields else None) from e
+        if (sampling.logprobs or 0) > self.config.max_logprobs:
+            raise APIError(400, f"at most {self.config.max_logprobs} logprobs per token", "logprobs")
+        backend, params = self._backend(served, req.attention_backend, req.attention_params)
+        rid = uuid.uuid4().hex
+        seqs = []
+        for p, ids in enumerate(prompt_ids):
+            for i in range(req.n):
+                sp = sampling
+                if sampling.seed is not None and req.n > 1:  # as vLLM: the choices differ but stay reproducible
+                    sp = replace(sampling, seed=sampling.seed + i)
+                try:
+                    seqs.append(self.llm.new_sequence(ids, sp, f"{rid}-{p}-{i}", backend, params))
+                except ContextLengthError as e:
+                    raise APIError(400, str(e), param, "context_length_exceeded") from e
+                except ValueError as e:
+                    raise APIError(400, str(e), param) from e
+        ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)
+        return Job(served, backend, sampling, req.n, prompt_ids, seqs, ticket)
+
+    def _backend(self, served: ServedModel, name: str | None, params: dict | None) -> tuple[str, BaseModel]:
+        if name is None and params is None:
+            return served.attention_backend, served.attention_params
+        backend = name or served.attention_backend
+        try:
+            return backend, validate_params(backend, params)
+        except BackendError as e:
+            raise APIError(400, str(e), "attention_backend" if name else "attention_params") from e
+
+    async def run(self, job: Job, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+        self.in_flight += 1
+        self.idle.clear()
+        job.tracks = [self.metrics.track(job.served.name, job.backend, len(s.prompt_token_ids), arrival)
+                      for s in job.seqs]
+        for seq in job.seqs:
+            self.model_of[seq.request_id] = job.served.name
+        failed = False
+        try:
+            async for index, out in self.engine.stream(job.seqs):
+                if job.ticket is not None:
+                    self.admission.release(job.ticket, prefilled=True)
+                job.tracks[index].on_output(len(out.new_token_ids))
+                if out.finished:
+                    job.tracks[index].on_finish(out.finish_reason)
+                yield index, out
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if job.ticket is not None:
+                self.admission.release(job.ticket, prefilled=False)
+            for track in job.tracks:  # the ones still open were cut short: a client that left, or a failure
+                track.on_finish("error" if failed else "abort")
+            for seq in job.seqs:
+                self.model_of.pop(seq.request_id, None)
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+
