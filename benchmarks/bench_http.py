@@ -58,10 +58,8 @@ def run_in_process(engine: AsyncEngine, work: list[str], concurrency: int, max_t
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> int:
-        out = None
-        async for out in engine.generate(prompt, sp):
-            pass
-        return len(out.token_ids)
+        outs = [out async for out in engine.generate(prompt, sp)]
+        return len(outs[-1].token_ids)
 
     return asyncio.run(drive(work, concurrency, one))
 

@@ -45,14 +45,14 @@ class Admission:
         tokens = sum(prompt_lens)
         blocks = sum(math.ceil(n / self.block_size) for n in prompt_lens)
         if self.draining:
-            raise self._reject("shutting_down", 503, "the server is shutting down")
+            raise self._reject("shutting_down", 503, "shutting_down", "the server is shutting down")
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queued_tokens:
-            raise self._reject("queued_tokens", 429, (
+            raise self._reject("queued_tokens", 429, "rate_limit_exceeded", (
                 f"too many prompt tokens are waiting for prefill ({self.queued_tokens} queued, this request "
                 f"adds {tokens}, the limit is {self.max_queued_tokens})"))
         free = stats.usage.free
         if self.queued_blocks and self.queued_blocks + blocks > free:
-            raise self._reject("kv_cache_full", 503, (
+            raise self._reject("kv_cache_full", 503, "server_overloaded", (
                 f"the KV cache cannot take more prompts now: queued prompts need {self.queued_blocks} blocks, "
                 f"this one {blocks}, and {free} are free"))
         self.queued_tokens += tokens
@@ -72,7 +72,6 @@ class Admission:
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self.queued_tokens / self.prefill_rate)))
 
-    def _reject(self, reason: str, status: int, message: str) -> APIError:
+    def _reject(self, reason: str, status: int, code: str, message: str) -> APIError:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
-        code = {429: "rate_limit_exceeded", 503: "server_overloaded"}[status] if reason != "shutting_down" else reason
         return APIError(status, message, code=code, headers={"Retry-After": str(self.retry_after())})

@@ -46,7 +46,10 @@ class Guard:
             await _send_error(send, error, request_id)
             return
         declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+        if not declared.isdigit():
+            await _send_error(send, APIError(400, "malformed Content-Length header"), request_id)
+            return
+        if int(declared) > self.max_body_bytes:
             await _send_error(send, APIError(413, self._too_large), request_id)
             return
 

@@ -140,7 +140,7 @@ class RequestTrack:
         self.output_tokens += new_tokens
         m.generation_tokens.labels(model).inc(new_tokens)
 
-    def on_finish(self, reason: str) -> None:
+    def on_finish(self, reason: str, abort_reason: str = "client_disconnect") -> None:
         if self.done:
             return
         self.done = True
@@ -148,7 +148,7 @@ class RequestTrack:
         m.request_success.labels(model, reason).inc()
         m.backend_requests.labels(model, self.backend, reason).inc()
         if reason == "abort":
-            m.aborted.labels(model, "client_disconnect").inc()
+            m.aborted.labels(model, abort_reason).inc()
             return
         m.e2e.labels(model).observe(time.monotonic() - self.arrival)
         m.request_prompt_tokens.labels(model).observe(self.prompt_len)

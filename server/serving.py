@@ -151,8 +151,9 @@ class Serving:
         finally:
             if job.ticket is not None:
                 self.admission.release(job.ticket, prefilled=False)
+            why = "shutdown" if self.admission.draining else "client_disconnect"
             for track in job.tracks:  # the ones still open were cut short: a client that left, or a failure
-                track.on_finish("error" if failed else "abort")
+                track.on_finish("error" if failed else "abort", why)
             for seq in job.seqs:
                 self.model_of.pop(seq.request_id, None)
             self.in_flight -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -59,6 +60,16 @@ def test_stream_without_include_usage_sends_no_usage_chunk(server):
     assert frames[-1] == "data: [DONE]"
     assert all(f.startswith("data: ") for f in frames)
     assert all('"choices": []' not in f and '"usage"' not in f for f in frames)
+
+
+def test_continuous_usage_stats(server):
+    with httpx.stream("POST", f"{server.base_url}/completions", json={
+            "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as r:
+        bodies = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    counts = [b["usage"]["completion_tokens"] for b in bodies]
+    assert counts == sorted(counts) and counts[-1] == 5 and bodies[-1]["choices"] == []
+    assert all(b["usage"]["prompt_tokens"] == bodies[0]["usage"]["prompt_tokens"] for b in bodies)
 
 
 def test_chat_matches_engine(client, expected):

@@ -82,6 +82,16 @@ def test_unknown_fields_are_ignored(server):
     assert r.status_code == 200
 
 
+def test_malformed_content_length_is_400(server):
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n")
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 400")
+
+
 def test_unknown_route_and_method(server):
     assert httpx.get(f"{server.base_url}/nothing-here").json()["error"]["code"] == 404
     assert httpx.get(f"{server.base_url}/completions").status_code == 405
