@@ -50,7 +50,8 @@ class AttentionBackend:
         self.kv.write(layer, k.transpose(0, 1), v.transpose(0, 1), batch.slot_mapping)
 
     def blocks_to_release(self, seq: SeqStep) -> list[int]:
-        """Indices into the sequence's block table it will never read again (after the step ran)."""
+        """Indices into the sequence's block table it will never read again. Called after the step ran, with
+        `seq.num_cached` already counting the step's tokens."""
         return []
 
     @classmethod

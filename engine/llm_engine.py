@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -133,7 +134,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         seq = Sequence(request_id, ids, sampling, backend, params, len(ids) + max_new, generator)
-        self.runner.backend(backend)  # fail here, not mid-step, if it cannot be built
+        if not self.runner.backend(backend).capabilities.exact:  # (building it here fails here, not mid-step)
+            # its KV differs from dense for the same tokens: a prefix-cache namespace of its own
+            seq.cache_salt = hashlib.sha256(f"{backend}:{params.model_dump_json()}".encode()).digest()
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop_strings,
                                                  sampling.include_stop_str_in_output, sampling.skip_special_tokens)
         return seq
@@ -175,7 +178,7 @@ class LLMEngine:
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens, seq.cache_salt)
         outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
         for seq, step in (step for r in results for step in r.steps):
             if not seq.is_finished:

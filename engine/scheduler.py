@@ -67,7 +67,7 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.kv.find_prefix(seq.request_id, seq.token_ids)
+            hit = self.kv.find_prefix(seq.request_id, seq.token_ids, seq.cache_salt)
             cached = hit.num_blocks * self.config.block_size
             n = self._chunk(seq, cached, budget, contended)
             if not self.kv.can_admit(hit, cached + n):

@@ -43,6 +43,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    cache_salt: bytes | None = None  # prefix-cache namespace; None: dense-identical KV
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
 
     def __post_init__(self) -> None:

@@ -27,11 +27,12 @@ class KVCacheManager:
 
     # -- prefix cache -------------------------------------------------------------------------
 
-    def find_prefix(self, request_id: str, token_ids: Sequence[int]) -> PrefixHit:
-        """Longest chain of cached full blocks; never covers the last token, which needs logits."""
+    def find_prefix(self, request_id: str, token_ids: Sequence[int], salt: bytes | None = None) -> PrefixHit:
+        """Longest chain of cached full blocks; never covers the last token, which needs logits. `salt` starts
+        the hash chain: requests whose KV differs for the same tokens (another attention backend) never share."""
         if not self.pool.enable_caching:
             return PrefixHit([], 0)
-        hashes = self._block_hashes(request_id, token_ids)
+        hashes = self._block_hashes(request_id, token_ids, salt)
         max_blocks = (len(token_ids) - 1) // self.block_size
         blocks: list[Block] = []
         for i in range(max_blocks):
@@ -71,12 +72,13 @@ class KVCacheManager:
             self._tables.setdefault(request_id, []).extend(self.pool.allocate(need))
         return True
 
-    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int,
+                          salt: bytes | None = None) -> None:
         """Publish every full, computed block of the request to the prefix cache."""
         if not self.pool.enable_caching:
             return
         table = self._tables[request_id]
-        hashes = self._block_hashes(request_id, token_ids[:num_computed])
+        hashes = self._block_hashes(request_id, token_ids[:num_computed], salt)
         for i in range(num_computed // self.block_size):
             block = table[i]
             if block.block_id != NULL_BLOCK_ID and block.block_hash is None:
@@ -104,9 +106,9 @@ class KVCacheManager:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _block_hashes(self, request_id: str, token_ids: Sequence[int]) -> list[bytes]:
+    def _block_hashes(self, request_id: str, token_ids: Sequence[int], salt: bytes | None) -> list[bytes]:
         hashes = self._hashes.setdefault(request_id, [])
         for i in range(len(hashes), len(token_ids) // self.block_size):
-            parent = hashes[i - 1] if i else None
+            parent = hashes[i - 1] if i else salt
             hashes.append(hash_block_tokens(parent, token_ids[i * self.block_size : (i + 1) * self.block_size]))
         return hashes

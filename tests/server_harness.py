@@ -20,8 +20,9 @@ ALT_MODEL = "smollm2-135m:alt"
 
 class RunningServer:
     def __init__(self, engine: AsyncEngine, **overrides) -> None:
-        served = [ServedModel(MODEL, "dense", NoParams()), ServedModel(ALT_MODEL, "dense", NoParams())]
-        self.config = ServerConfig(engine.engine.config, served, **overrides)
+        overrides.setdefault("served_models", [ServedModel(MODEL, "dense", NoParams()),
+                                               ServedModel(ALT_MODEL, "dense", NoParams())])
+        self.config = ServerConfig(engine.engine.config, **overrides)
         self.engine = engine
         self.app = build_app(engine, self.config)
         self.serving = self.app.state.serving

@@ -18,12 +18,21 @@ def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: i
     return block_table[pos // block_size] * block_size + pos % block_size
 
 
+def gather_range(kv: PagedKVCache, layer: int, block_table: torch.Tensor, start: int, end: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of positions `[start, end)` of a sequence, head-major `[H_kv, end - start, D]`; reads
+    only the blocks that hold them."""
+    bs = kv.spec.block_size
+    first = start // bs
+    k, v = kv.gather(layer, block_table[first : -(-end // bs)])
+    offset = first * bs
+    return (t.flatten(0, 1)[start - offset : end - offset].transpose(0, 1) for t in (k, v))
+
+
 def gather_context(kv: PagedKVCache, layer: int, block_table: torch.Tensor, length: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's first `length` keys and values, head-major `[H_kv, length, D]`."""
-    nb = -(-length // kv.spec.block_size)
-    k, v = kv.gather(layer, block_table[:nb])
-    return (t.flatten(0, 1)[:length].transpose(0, 1) for t in (k, v))
+    return gather_range(kv, layer, block_table, 0, length)
 
 
 def causal_mask(num_cached: int, query_len: int, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""SWAA (`sliding_window`): each layer against an explicit masked reference, reduction to dense, KV release,
+and the engine paths (chunked prefill, mixed steps, prefix cache, preemption)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from conftest import natural_text
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep
+from attention_backends.kernels.paged import context_slots
+from attention_backends.registry import BackendError, validate_params
+from attention_backends.sliding_window import SlidingWindowBackend
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+from kv_cache.paged_kv import KVSpec, PagedKVCache
+from server.config import read_config_file, served_models_from
+
+BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
+
+
+def reference(q, k, v, qpos, window, sinks, windowed, scale):
+    """Full score matrix under the SWAA mask: q `[Hq, T, D]` at positions qpos over keys 0..qpos[-1]."""
+    n = int(qpos[-1]) + 1
+    kpos = torch.arange(n)
+    mask = kpos[None] <= qpos[:, None]
+    if windowed:
+        mask &= (qpos[:, None] - kpos[None] < window) | (kpos[None] < sinks)
+    kk, vv = (t[:, :n].repeat_interleave(HQ // HKV, 0) for t in (k, v))
+    scores = (q @ kk.transpose(1, 2)) * scale
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+
+
+CASES = [  # (window, sinks, prefill_only, full_attention_layers, release_kv)
+    (5, 0, False, None, False),
+    (20, 3, True, None, False),
+    (37, 17, False, None, True),
+    (64, 16, False, [1], False),
+    (100, 0, True, "odd", False),
+    (23, 40, False, None, True),
+]
+
+
+@pytest.mark.parametrize("chunks", [[150], [40, 61, 49]], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize(("window", "sinks", "prefill_only", "fa", "release"), CASES)
+def test_layers_match_masked_reference(window, sinks, prefill_only, fa, release, chunks):
+    torch.manual_seed(0)
+    spec = AttentionSpec(LAYERS, HQ, HKV, D, 4096, BS, (None,) * LAYERS)
+    kv = PagedKVCache(KVSpec(LAYERS, HKV, D, BS), num_blocks=64)
+    backend = SlidingWindowBackend(kv, spec)
+    params = validate_params("sliding_window", dict(window=window, sinks=sinks, prefill_only=prefill_only,
+                                                    full_attention_layers=fa, release_kv=release))
+    full = params.full_layers(LAYERS)
+    n_total, scale = sum(chunks) + 6, D**-0.5
+    # Two sequences share every step: A runs the chunks then decodes; B (shorter) decodes throughout.
+    seqs = {}
+    for name, length, first_block in (("a", n_total, 1), ("b", 40 + 6 + len(chunks), 33)):
+        q = torch.randn(LAYERS, HQ, length, D)
+        k, v = torch.randn(LAYERS, HKV, length, D), torch.randn(LAYERS, HKV, length, D)
+        table = torch.arange(first_block, first_block + math.ceil(length / BS))
+        seqs[name] = dict(q=q, k=k, v=v, table=table, done=0, state={})
+    plan_a = chunks + [1] * 6
+    b_prompt = 40
+    for step_i, n_a in enumerate(plan_a):
+        work = [("a", n_a, Phase.PREFILL if step_i < len(chunks) else Phase.DECODE)]
+        b = seqs["b"]
+        work.append(("b", b_prompt if b["done"] == 0 else 1, Phase.PREFILL if b["done"] == 0 else Phase.DECODE))
+        steps, slots, start = [], [], 0
+        for name, n, phase in work:
+            s = seqs[name]
+            step = SeqStep(name, phase, start, n, s["done"], s["table"], params, s["state"])
+            steps.append((name, step))
+            slots.append(context_slots(s["table"], s["done"], s["done"] + n, BS))
+            start += n
+        batch = BackendBatch([st for _, st in steps], torch.cat(slots), None)
+        backend.prepare(batch)
+        for layer in range(LAYERS):
+            q = torch.cat([seqs[nm]["q"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
+            k = torch.cat([seqs[nm]["k"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
+            v = torch.cat([seqs[nm]["v"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
+            out = backend.forward(layer, q, k, v, batch, scale)
+            for nm, st in steps:
+                s = seqs[nm]
+                windowed = layer not in full and (st.phase is Phase.PREFILL or not prefill_only)
+                qpos = torch.arange(st.num_cached, st.context_len)
+                want = reference(s["q"][layer][:, st.num_cached : st.context_len], s["k"][layer], s["v"][layer], qpos,
+                                 window, sinks, windowed, scale)
+                got = out[:, st.query_start : st.query_start + st.query_len]
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for nm, st in steps:
+            seqs[nm]["done"] += st.query_len
+            st.num_cached += st.query_len
+            released = backend.blocks_to_release(st)
+            if released:  # poison what was given back: a later read would turn outputs into NaN
+                assert release
+                for layer in range(LAYERS):
+                    kv.k[layer][seqs[nm]["table"][released]] = float("nan")
+                    kv.v[layer][seqs[nm]["table"][released]] = float("nan")
+
+
+def test_params_validation():
+    for bad in (dict(window=0), dict(sinks=-1), dict(full_attention_layers="most"), dict(release_kv=True),
+                dict(release_kv=True, prefill_only=False, full_attention_layers="odd"), dict(nope=1)):
+        with pytest.raises(BackendError):
+            validate_params("sliding_window", bad)
+    p = validate_params("sliding_window", dict(full_attention_layers="every:4"))
+    assert sorted(p.full_layers(12)) == [1, 5, 9]
+    assert sorted(validate_params("sliding_window", dict(full_attention_layers="even")).full_layers(5)) == [0, 2, 4]
+
+
+def _greedy_with_logprobs(engine, prompts, **backend):
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, sp, **backend) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
+    return [got[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    return [loaded.tokenizer.encode(natural_text(n, 7 + n)) for n in (3, 25, 50)]
+
+
+@pytest.mark.parametrize("params", [dict(window=4096, sinks=0, prefill_only=False),
+                                    dict(window=8, sinks=3, full_attention_layers=list(range(30)))],
+                         ids=["window>=length", "all-layers-full"])
+def test_reduces_to_dense(make_engine, prompts, params):
+    engine = make_engine(max_num_batched_tokens=256)  # chunked prefill on the longer prompts
+    dense = _greedy_with_logprobs(engine, prompts)
+    swaa = _greedy_with_logprobs(engine, prompts, attention_backend="sliding_window", attention_params=params)
+    for (dt, dl), (st, sl) in zip(dense, swaa):
+        assert st == dt
+        assert max(abs(a - b) for a, b in zip(dl, sl)) < 1e-5
+
+
+def test_mixed_steps_and_prefix_cache(make_engine, prompts):
+    params = dict(window=40, sinks=5, prefill_only=False)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = make_engine().generate(prompts, sp, attention_backend="sliding_window", attention_params=params)
+    engine = make_engine(max_num_batched_tokens=128)
+    mixed = [engine.add_request(p, sp, attention_backend="sliding_window", attention_params=params)
+             for p in prompts] + [engine.add_request(p, sp) for p in prompts]  # dense ones in the same steps
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [final[i].token_ids for i in mixed[:3]] == [o.token_ids for o in alone]
+    again = engine.generate(prompts, sp, attention_backend="sliding_window", attention_params=params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in alone]
+    assert all(o.num_cached_tokens > 0 for o in again[1:])  # served from its own prefix-cache namespace
+    dense_after = engine.generate(prompts[1:2], sp)[0]
+    assert dense_after.token_ids == final[mixed[4]].token_ids  # never fed SWAA blocks
+
+
+def test_preemption_recomputes_exactly(make_engine, prompts):
+    """With windowed decode too, recomputing a preempted sequence rebuilds the same KV (with FA decode it
+    could not: its generated tokens were decoded with full attention, and are re-prefilled windowed)."""
+    params = dict(window=40, sinks=5, prefill_only=False)
+    sp = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    alone = make_engine().generate(prompts[1:], sp, attention_backend="sliding_window", attention_params=params)
+    tight = make_engine(num_kv_blocks=100, max_model_len=1500, max_num_batched_tokens=256)
+    out = tight.generate(prompts[1:], sp, attention_backend="sliding_window", attention_params=params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in out] == [o.token_ids for o in alone]
+
+
+def test_release_kv_bounds_the_blocks_a_sequence_holds(tmp_path, loaded):
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                                  vocab_size=loaded.config.vocab_size)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    tiny = load_model(str(tmp_path), progress=False)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=600, max_model_len=8192, max_num_batched_tokens=512), loaded=tiny)
+    window, sinks = 200, 20
+    bound = math.ceil((sinks + window) / BS) + 2
+    prompt = torch.randint(100, 40000, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0),
+                             attention_backend="sliding_window",
+                             attention_params=dict(window=window, sinks=sinks, prefill_only=False, release_kv=True))
+    peak, outputs = 0, 0
+    while engine.has_unfinished_requests():
+        outputs += len(engine.step())
+        if engine.has_unfinished_requests():
+            peak = max(peak, engine.kv_manager.num_held_blocks(rid))
+    assert outputs == 2000
+    assert peak <= bound, (peak, bound)
+    assert engine.usage().used == 0
+
+
+def test_served_by_name_and_by_extra_body(start_server):
+    recipes = read_config_file(Path(__file__).resolve().parents[1] / "configs/default.yaml")["served_models"]
+    served = served_models_from(recipes, "unused", EngineConfig())
+    server = start_server(served_models=served)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    names = {m.id for m in client.models.list().data}
+    assert {"smollm2-135m:swaa", "smollm2-135m:swaa-aggressive", "smollm2-135m:swaa-bounded"} <= names
+    prompt = natural_text(60, 3)
+    by_name = client.completions.create(model="smollm2-135m:swaa-bounded", prompt=prompt, max_tokens=8,
+                                        temperature=0)
+    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"attention_backend": "sliding_window", "attention_params": {
+                                            "window": 1024, "sinks": 64, "prefill_only": False, "release_kv": True}})
+    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
+    assert server.metric("longserve:requests_total", attention_backend="sliding_window") == 2
+    with pytest.raises(openai.BadRequestError, match="release_kv"):
+        client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={
+            "attention_backend": "sliding_window", "attention_params": {"release_kv": True}})
