@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_http.py
+	$(PY) benchmarks/bench_swaa.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,6 +38,9 @@ class AttentionBackend:
         self.kv = kv
         self.spec = spec
 
+    def check(self, params: BaseModel) -> None:
+        """Raise ValueError for params that do not fit this model (e.g. a layer index past its last layer)."""
+
     def prepare(self, batch: BackendBatch) -> None:
         """Once per step, before the first layer: build what every layer shares into `batch.meta`."""
 

@@ -75,14 +75,16 @@ class SlidingWindowBackend(DenseBackend):
 
     def prepare(self, batch: BackendBatch) -> None:
         super().prepare(batch)
-        batch.meta["plans"] = [(band_plan(s, s.params.window, s.params.sinks), self._windowed_layers(s.params))
-                               for s in batch.meta["prefill"]]
-        decodes = batch.meta["decodes"]
-        if decodes:
-            tables, valid = window_block_tables(decodes, self.spec.block_size)
+        dtype, device = self.kv.spec.dtype, self.kv.device
+        batch.meta["plans"] = [(band_plan(s, s.params.window, s.params.sinks, dtype, device),
+                                self._windowed_layers(s.params)) for s in batch.meta["prefill"]]
+        windowed = [frozenset() if s.params.prefill_only else self._windowed_layers(s.params)
+                    for s in batch.meta["decodes"]]
+        batch.meta["window_decode"] = None
+        if any(windowed):
+            tables, valid = window_block_tables(batch.meta["decodes"], self.spec.block_size)
             rows = batch.meta["decode"]
-            batch.meta["window_decode"] = (DecodeRows(rows.index, tables, valid, rows.lens), [
-                frozenset() if s.params.prefill_only else self._windowed_layers(s.params) for s in decodes])
+            batch.meta["window_decode"] = (DecodeRows(rows.index, tables, valid, rows.lens), windowed)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
                 scale: float) -> torch.Tensor:
@@ -94,16 +96,20 @@ class SlidingWindowBackend(DenseBackend):
                 continue
             s, e = seq.query_start, seq.query_start + seq.query_len
             out[:, s:e] = band_prefill_attention(self.kv, layer, q[:, s:e], k[:, s:e], v[:, s:e], seq, plan, scale)
-        if batch.meta["decode"] is not None:
+        if batch.meta["window_decode"] is not None:
             window_rows, windowed = batch.meta["window_decode"]
-            flags = [layer in w for w in windowed]
-            full = [i for i, f in enumerate(flags) if not f]
-            banded = [i for i, f in enumerate(flags) if f]
+            banded = [i for i, w in enumerate(windowed) if layer in w]
+            full = [i for i, w in enumerate(windowed) if layer not in w]
             if full:
                 self.decode(layer, q, batch.meta["decode"].take(full), scale, out)
             if banded:
                 self.decode(layer, q, window_rows.take(banded), scale, out)
+        elif batch.meta["decode"] is not None:  # full-attention decode for every sequence in this step
+            self.decode(layer, q, batch.meta["decode"], scale, out)
         return out
+
+    def check(self, params: SlidingWindowParams) -> None:
+        params.full_layers(self.spec.num_layers)
 
     def blocks_to_release(self, seq: SeqStep) -> list[int]:
         p = seq.params

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from attention_backends.context import AttentionSpec
-from attention_backends.registry import validate_params
+from attention_backends.registry import BackendError, validate_params
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_loader import LoadedModel, layer_windows, load_model
@@ -134,7 +134,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         seq = Sequence(request_id, ids, sampling, backend, params, len(ids) + max_new, generator)
-        if not self.runner.backend(backend).capabilities.exact:  # (building it here fails here, not mid-step)
+        impl = self.runner.backend(backend)  # built here, so a backend that cannot be built fails here
+        try:
+            impl.check(params)
+        except ValueError as e:
+            raise BackendError(f"attention_params for {backend!r}: {e}") from e
+        if not impl.capabilities.exact:
             # its KV differs from dense for the same tokens: a prefix-cache namespace of its own
             seq.cache_salt = hashlib.sha256(f"{backend}:{params.model_dump_json()}".encode()).digest()
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop_strings,

@@ -115,6 +115,8 @@ class Serving:
                     seqs.append(self.llm.new_sequence(ids, sp, f"{rid}-{p}-{i}", backend, params))
                 except ContextLengthError as e:
                     raise APIError(400, str(e), param, "context_length_exceeded") from e
+                except BackendError as e:
+                    raise APIError(400, str(e), "attention_params") from e
                 except ValueError as e:
                     raise APIError(400, str(e), param) from e
         ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)

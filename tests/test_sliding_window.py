@@ -213,6 +213,7 @@ def test_served_by_name_and_by_extra_body(start_server):
                                             "window": 1024, "sinks": 64, "prefill_only": False, "release_kv": True}})
     assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
     assert server.metric("longserve:requests_total", attention_backend="sliding_window") == 2
-    with pytest.raises(openai.BadRequestError, match="release_kv"):
-        client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={
-            "attention_backend": "sliding_window", "attention_params": {"release_kv": True}})
+    for bad, says in (({"release_kv": True}, "release_kv"), ({"full_attention_layers": [3, 30]}, "past the model")):
+        with pytest.raises(openai.BadRequestError, match=says):
+            client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={
+                "attention_backend": "sliding_window", "attention_params": bad})

@@ -25,7 +25,7 @@ class Tile:
     sink_end: int  # key columns [0, sink_end) and [w0, w1) of the chunk's key list
     w0: int
     w1: int
-    mask: torch.Tensor  # [q1 - q0, sink_end + w1 - w0]
+    mask: torch.Tensor  # [q1 - q0, sink_end + w1 - w0], additive (0 or -inf): SDPA converts a bool mask per call
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,8 @@ class BandPlan:
     tiles: list[Tile]
 
 
-def band_plan(seq: SeqStep, window: int, sinks: int) -> BandPlan:
+def band_plan(seq: SeqStep, window: int, sinks: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> BandPlan:
     c, t = seq.num_cached, seq.query_len
     lo = max(0, c - window + 1)  # the first query's window start
     cached_sinks = min(sinks, lo)
@@ -51,7 +52,8 @@ def band_plan(seq: SeqStep, window: int, sinks: int) -> BandPlan:
         sink_end = min(int(torch.searchsorted(positions, sinks)), w0)
         keys = torch.cat([positions[:sink_end], positions[w0:w1]])
         qpos = torch.arange(c + q0, c + q1).unsqueeze(1)
-        mask = (keys <= qpos) & ((qpos - keys < window) | (keys < sinks))
+        visible = (keys <= qpos) & ((qpos - keys < window) | (keys < sinks))
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf")).to(device)
         tiles.append(Tile(q0, q1, sink_end, w0, w1, mask))
     return BandPlan(cached_sinks, lo, tiles)
 
