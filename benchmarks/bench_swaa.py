@@ -93,8 +93,9 @@ def passkey_prompt(engine: LLMEngine, n: int, depth: float, key: int) -> list[in
     needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? Answer with the number only."
     filler = tok.encode(FILLER * (n // 15 + 1))
-    frame = len(tok.apply_chat_template([{"role": "user", "content": needle + question}], tokenize=True,
-                                        add_generation_prompt=True))
+    frame = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": needle + question}],
+                                                   tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False))
     body = filler[: max(0, n - frame)]
     cut = int(len(body) * depth)
     text = tok.decode(body[:cut]) + needle + tok.decode(body[cut:]) + "\n" + question

@@ -1,0 +1,1 @@
+"""Long-context load test: token-exact workloads with needles, vLLM `bench serve` metrics, accuracy."""
