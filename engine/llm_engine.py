@@ -179,7 +179,7 @@ class LLMEngine:
         except Exception:
             scheduled, results = self._isolate_failures(scheduled, block_tables)
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
-        logits = torch.cat([r.logits for r in results]) if results else None
+        logits = results[0].logits if len(results) == 1 else torch.cat([r.logits for r in results]) if results else None
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         for seq, n in scheduled:
             seq.num_computed_tokens += n

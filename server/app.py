@@ -129,8 +129,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return JSONResponse(fmt.response())
 
     async def collect(job: Job, fmt: Format, arrival: float) -> None:
-        if not job.seqs:
-            fmt.finish_echo_only()
         async for index, out in serving.run(job, arrival):
             fmt.add(index, out)
 
@@ -143,7 +141,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
         try:
             if not job.seqs:
-                fmt.finish_echo_only()
                 for index, choice in enumerate(fmt.choices):
                     yield frame(fmt.chunk(index, choice.text, [], True))
             async for index, out in serving.run(job, arrival):

@@ -35,6 +35,9 @@ class Format:
         self.job, self.tokenizer, self.id = job, tokenizer, request_id
         prompts = [p for p in range(len(job.prompt_ids)) for _ in range(job.n)]
         self.choices = [Choice(prefix=echo[p] if echo else "") for p in prompts]
+        if not job.seqs:  # an echo-only request: the prompts are the whole answer
+            for c in self.choices:
+                c.text, c.started, c.finish_reason = c.prefix, True, "length"
 
     # -- shared -----------------------------------------------------------------------------------
 
@@ -50,10 +53,6 @@ class Format:
         if out.finished:
             c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
         return text, out.logprobs
-
-    def finish_echo_only(self) -> None:
-        for c in self.choices:
-            c.text, c.started, c.finish_reason = c.prefix, True, "length"
 
     def usage(self) -> dict[str, int]:
         prompt = self.job.num_prompt_tokens

@@ -26,7 +26,7 @@ from engine.sequence import Sequence
 from server.admission import Admission, Ticket
 from server.config import ServedModel, ServerConfig
 from server.errors import APIError
-from server.metrics import RequestTrack, ServerMetrics
+from server.metrics import ServerMetrics
 from server.protocol import ChatMessage, OpenAIRequest
 
 _LONG_TEXT = 20_000  # characters: tokenize longer texts off the event loop
@@ -43,7 +43,6 @@ class Job:
     prompt_ids: list[list[int]]
     seqs: list[Sequence]
     ticket: Ticket | None
-    tracks: list[RequestTrack] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -134,8 +133,8 @@ class Serving:
     async def run(self, job: Job, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
         self.in_flight += 1
         self.idle.clear()
-        job.tracks = [self.metrics.track(job.served.name, job.backend, len(s.prompt_token_ids), arrival)
-                      for s in job.seqs]
+        tracks = [self.metrics.track(job.served.name, job.backend, len(s.prompt_token_ids), arrival)
+                  for s in job.seqs]
         for seq in job.seqs:
             self.model_of[seq.request_id] = job.served.name
         failed = False
@@ -143,9 +142,9 @@ class Serving:
             async for index, out in self.engine.stream(job.seqs):
                 if job.ticket is not None:
                     self.admission.release(job.ticket, prefilled=True)
-                job.tracks[index].on_output(len(out.new_token_ids))
+                tracks[index].on_output(len(out.new_token_ids))
                 if out.finished:
-                    job.tracks[index].on_finish(out.finish_reason)
+                    tracks[index].on_finish(out.finish_reason)
                 yield index, out
         except Exception:
             failed = True
@@ -154,7 +153,7 @@ class Serving:
             if job.ticket is not None:
                 self.admission.release(job.ticket, prefilled=False)
             why = "shutdown" if self.admission.draining else "client_disconnect"
-            for track in job.tracks:  # the ones still open were cut short: a client that left, or a failure
+            for track in tracks:  # the ones still open were cut short: a client that left, or a failure
                 track.on_finish("error" if failed else "abort", why)
             for seq in job.seqs:
                 self.model_of.pop(seq.request_id, None)
