@@ -39,13 +39,15 @@ class AttentionSpec:
 @dataclass(slots=True)
 class SeqStep:
     """One sequence's share of a step: queries `[query_start, query_start + query_len)` of the packed batch,
-    at positions `[num_cached, num_cached + query_len)`, over the KV held in `block_table`."""
+    at positions `[num_cached, num_cached + query_len)`, over the KV held in `block_table`. `prompt_len` is the
+    request's prompt length, so a backend can decide by it whatever the chunking or a recompute after preemption."""
 
     request_id: str
     phase: Phase
     query_start: int
     query_len: int
     num_cached: int
+    prompt_len: int
     block_table: torch.Tensor  # int64 block ids
     params: BaseModel
     state: dict[str, Any]  # the backend's per-sequence state, kept across steps

@@ -35,12 +35,14 @@ class DenseBackend(AttentionBackend):
         batch.meta["prefill"] = [s for s in batch.seqs if s.phase is Phase.PREFILL]
         decodes = [s for s in batch.seqs if s.phase is Phase.DECODE]
         batch.meta["decodes"] = decodes
-        batch.meta["decode"] = None
-        if decodes:
-            lens = [s.context_len for s in decodes]
-            tables, valid = padded_block_tables([s.block_table for s in decodes], lens, self.spec.block_size)
-            index = torch.tensor([s.query_start for s in decodes])
-            batch.meta["decode"] = DecodeRows(index, tables, valid, torch.tensor(lens))
+        batch.meta["decode"] = self.decode_rows(decodes)
+
+    def decode_rows(self, decodes: list[SeqStep]) -> DecodeRows | None:
+        if not decodes:
+            return None
+        lens = [s.context_len for s in decodes]
+        tables, valid = padded_block_tables([s.block_table for s in decodes], lens, self.spec.block_size)
+        return DecodeRows(torch.tensor([s.query_start for s in decodes]), tables, valid, torch.tensor(lens))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
                 scale: float) -> torch.Tensor:

@@ -57,7 +57,8 @@ class ModelRunner:
             group = groups.setdefault(seq.backend, [])
             local_start = sum(s.query_len for s, _, _ in group)
             phase = Phase.DECODE if seq.is_decode(n) else Phase.PREFILL
-            step = SeqStep(seq.request_id, phase, local_start, n, c, table, seq.backend_params, seq.backend_state)
+            step = SeqStep(seq.request_id, phase, local_start, n, c, seq.num_prompt_tokens, table, seq.backend_params,
+                           seq.backend_state)
             group.append((step, context_slots(table, c, c + n, bs), start))
             steps.append((seq, step))
             if c + n == seq.num_tokens:

@@ -52,9 +52,13 @@ class PagedKVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
+        shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        # One tensor per K and V, viewed per layer: a backend that packs tokens across layers (TCA) can then
+        # address any layer's slots with one index, `(layer * num_blocks + block) * block_size + offset`.
+        self.k_all = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        self.v_all = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        self.k = list(self.k_all.unbind(0))
+        self.v = list(self.v_all.unbind(0))
         self.side_tables: dict[str, SideTable] = {}
         self._pool: BlockPool | None = None
 
@@ -88,11 +92,12 @@ class PagedKVCache:
             if tuple(table.data.shape) != full or table.data.dtype != dtype:
                 raise ValueError(f"side table {name!r} already registered with another shape or dtype")
             return table
-        table = SideTable(
-            name,
-            torch.zeros(full, dtype=dtype, device=self.device),
-            torch.zeros(self.num_blocks, dtype=torch.bool),
-        )
+        with torch.inference_mode(False):  # backends register lazily, inside steps; the pool clears flags outside
+            table = SideTable(
+                name,
+                torch.zeros(full, dtype=dtype, device=self.device),
+                torch.zeros(self.num_blocks, dtype=torch.bool),
+            )
         self.side_tables[name] = table
         return table
 

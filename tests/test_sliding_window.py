@@ -9,11 +9,11 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from backend_harness import SynthSeq, masked_attention, run_steps
 from conftest import natural_text
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep
-from attention_backends.kernels.paged import context_slots
+from attention_backends.context import AttentionSpec, Phase
 from attention_backends.registry import BackendError, validate_params
 from attention_backends.sliding_window import SlidingWindowBackend
 from engine.config import EngineConfig
@@ -33,9 +33,7 @@ def reference(q, k, v, qpos, window, sinks, windowed, scale):
     mask = kpos[None] <= qpos[:, None]
     if windowed:
         mask &= (qpos[:, None] - kpos[None] < window) | (kpos[None] < sinks)
-    kk, vv = (t[:, :n].repeat_interleave(HQ // HKV, 0) for t in (k, v))
-    scores = (q @ kk.transpose(1, 2)) * scale
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    return masked_attention(q, k[:, :n], v[:, :n], mask, scale)
 
 
 CASES = [  # (window, sinks, prefill_only, full_attention_layers, release_kv)
@@ -58,51 +56,28 @@ def test_layers_match_masked_reference(window, sinks, prefill_only, fa, release,
     params = validate_params("sliding_window", dict(window=window, sinks=sinks, prefill_only=prefill_only,
                                                     full_attention_layers=fa, release_kv=release))
     full = params.full_layers(LAYERS)
-    n_total, scale = sum(chunks) + 6, D**-0.5
     # Two sequences share every step: A runs the chunks then decodes; B (shorter) decodes throughout.
-    seqs = {}
-    for name, length, first_block in (("a", n_total, 1), ("b", 40 + 6 + len(chunks), 33)):
-        q = torch.randn(LAYERS, HQ, length, D)
-        k, v = torch.randn(LAYERS, HKV, length, D), torch.randn(LAYERS, HKV, length, D)
-        table = torch.arange(first_block, first_block + math.ceil(length / BS))
-        seqs[name] = dict(q=q, k=k, v=v, table=table, done=0, state={})
-    plan_a = chunks + [1] * 6
-    b_prompt = 40
-    for step_i, n_a in enumerate(plan_a):
-        work = [("a", n_a, Phase.PREFILL if step_i < len(chunks) else Phase.DECODE)]
-        b = seqs["b"]
-        work.append(("b", b_prompt if b["done"] == 0 else 1, Phase.PREFILL if b["done"] == 0 else Phase.DECODE))
-        steps, slots, start = [], [], 0
-        for name, n, phase in work:
-            s = seqs[name]
-            step = SeqStep(name, phase, start, n, s["done"], s["table"], params, s["state"])
-            steps.append((name, step))
-            slots.append(context_slots(s["table"], s["done"], s["done"] + n, BS))
-            start += n
-        batch = BackendBatch([st for _, st in steps], torch.cat(slots), None)
-        backend.prepare(batch)
-        for layer in range(LAYERS):
-            q = torch.cat([seqs[nm]["q"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
-            k = torch.cat([seqs[nm]["k"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
-            v = torch.cat([seqs[nm]["v"][layer][:, st.num_cached : st.context_len] for nm, st in steps], dim=1)
-            out = backend.forward(layer, q, k, v, batch, scale)
-            for nm, st in steps:
-                s = seqs[nm]
-                windowed = layer not in full and (st.phase is Phase.PREFILL or not prefill_only)
-                qpos = torch.arange(st.num_cached, st.context_len)
-                want = reference(s["q"][layer][:, st.num_cached : st.context_len], s["k"][layer], s["v"][layer], qpos,
-                                 window, sinks, windowed, scale)
-                got = out[:, st.query_start : st.query_start + st.query_len]
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for nm, st in steps:
-            seqs[nm]["done"] += st.query_len
-            st.num_cached += st.query_len
-            released = backend.blocks_to_release(st)
-            if released:  # poison what was given back: a later read would turn outputs into NaN
-                assert release
-                for layer in range(LAYERS):
-                    kv.k[layer][seqs[nm]["table"][released]] = float("nan")
-                    kv.v[layer][seqs[nm]["table"][released]] = float("nan")
+    seqs = {"a": SynthSeq.random(LAYERS, HQ, HKV, D, sum(chunks) + 6, sum(chunks), 1, BS),
+            "b": SynthSeq.random(LAYERS, HQ, HKV, D, 40 + 6 + len(chunks), 40, 33, BS)}
+    schedule = [[("a", n_a), ("b", 40 if i == 0 else 1)] for i, n_a in enumerate(chunks + [1] * 6)]
+
+    def check(layer, name, step, got):
+        s = seqs[name]
+        windowed = layer not in full and (step.phase is Phase.PREFILL or not prefill_only)
+        qpos = torch.arange(step.num_cached, step.context_len)
+        want = reference(s.q[layer][:, step.num_cached : step.context_len], s.k[layer], s.v[layer], qpos,
+                         window, sinks, windowed, D**-0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    def poison(name, step):  # a later read of a released block would turn outputs into NaN
+        released = backend.blocks_to_release(step)
+        if released:
+            assert release
+            for layer in range(LAYERS):
+                kv.k[layer][seqs[name].table[released]] = float("nan")
+                kv.v[layer][seqs[name].table[released]] = float("nan")
+
+    run_steps(backend, seqs, schedule, params, check, poison)
 
 
 def test_params_validation():

@@ -35,6 +35,15 @@ def gather_context(kv: PagedKVCache, layer: int, block_table: torch.Tensor, leng
     return gather_range(kv, layer, block_table, 0, length)
 
 
+def gather_head_slots(kv: PagedKVCache, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V at cache slots chosen per KV head: `slots` `[..., H_kv, n]` -> `[..., H_kv, n, D]`, reading only the
+    chosen head of each slot (one row gather over `[slots * H_kv, D]`, several times faster than indexing a
+    permuted view)."""
+    hkv, d = kv.spec.num_kv_heads, kv.spec.head_dim
+    rows = (slots * hkv + torch.arange(hkv, device=slots.device).unsqueeze(1)).flatten().to(kv.device)
+    return tuple(t[layer].view(-1, d).index_select(0, rows).view(*slots.shape, d) for t in (kv.k, kv.v))
+
+
 def causal_mask(num_cached: int, query_len: int, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
     """`[query_len, K]` bool: query i (at position num_cached + i) sees key position j iff j <= its position
     and, with a window W, its position - j < W (HF semantics: W keys including itself)."""
@@ -49,8 +58,9 @@ def causal_mask(num_cached: int, query_len: int, key_positions: torch.Tensor, wi
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
          causal: bool = False) -> torch.Tensor:
     """Attention of `[B?, H_q, T, D]` queries over `[B?, H_kv, K, D]` keys, GQA expanded inside the kernel."""
-    if q.dim() == 3:  # the fused CPU kernels take 4-D inputs only; 3-D falls back to the slow math path
-        return sdpa(q[None], k[None], v[None], scale, mask, causal)[0]
+    if q.dim() == 3:  # the fused CPU kernels take 4-D inputs (and masks) only; else the slow math path runs
+        return sdpa(q[None], k[None], v[None], scale, mask[None] if mask is not None and mask.dim() == 3 else mask,
+                    causal)[0]
     if mask is not None:
         mask = mask.to(q.device)  # masks are built on the CPU next to the block tables
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)

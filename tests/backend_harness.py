@@ -1,0 +1,73 @@
+"""Drive a backend through engine-like steps on synthetic tensors, so each layer's output can be compared
+with an explicit reference: several sequences share every step, prefill chunks and decodes mixed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from attention_backends.base import AttentionBackend
+from attention_backends.context import BackendBatch, Phase, SeqStep
+from attention_backends.kernels.paged import context_slots
+
+
+@dataclass
+class SynthSeq:
+    """q `[layers, H_q, N, D]`, k/v `[layers, H_kv, N, D]` for all N positions the sequence will reach."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prompt_len: int
+    table: torch.Tensor
+    done: int = 0
+    state: dict = field(default_factory=dict)
+
+    @classmethod
+    def random(cls, layers: int, hq: int, hkv: int, d: int, length: int, prompt_len: int, first_block: int,
+               block_size: int) -> SynthSeq:
+        table = torch.arange(first_block, first_block + math.ceil(length / block_size))
+        return cls(torch.randn(layers, hq, length, d), torch.randn(layers, hkv, length, d),
+                   torch.randn(layers, hkv, length, d), prompt_len, table)
+
+
+def run_steps(backend: AttentionBackend, seqs: dict[str, SynthSeq], schedule: list[list[tuple[str, int]]], params,
+              check: Callable[[int, str, SeqStep, torch.Tensor], None],
+              after: Callable[[str, SeqStep], None] | None = None, scale: float | None = None) -> None:
+    """Each step of `schedule` lists (sequence, tokens). `check(layer, name, step, out)` sees each sequence's
+    rows of each layer's output; `after(name, step)` runs once the step is done, with num_cached updated."""
+    bs = backend.spec.block_size
+    scale = scale or backend.spec.head_dim**-0.5
+    for work in schedule:
+        steps, slots, start = [], [], 0
+        for name, n in work:
+            s = seqs[name]
+            phase = Phase.DECODE if n == 1 and s.done >= s.prompt_len else Phase.PREFILL
+            steps.append((name, SeqStep(name, phase, start, n, s.done, s.prompt_len, s.table, params, s.state)))
+            slots.append(context_slots(s.table, s.done, s.done + n, bs))
+            start += n
+        batch = BackendBatch([st for _, st in steps], torch.cat(slots), None)
+        backend.prepare(batch)
+        for layer in range(backend.spec.num_layers):
+            q, k, v = (torch.cat([getattr(seqs[nm], t)[layer][:, st.num_cached : st.context_len] for nm, st in steps],
+                                 dim=1) for t in "qkv")
+            out = backend.forward(layer, q, k, v, batch, scale)
+            for nm, st in steps:
+                check(layer, nm, st, out[:, st.query_start : st.query_start + st.query_len])
+        for nm, st in steps:
+            seqs[nm].done += st.query_len
+            st.num_cached += st.query_len
+            if after is not None:
+                after(nm, st)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """The explicit reference: q `[H_q, T, D]` over k/v `[H_kv, K, D]` with a bool mask `[T, K]` or
+    `[H_q, T, K]`, full score matrix, GQA by repeating K/V."""
+    rep = q.shape[0] // k.shape[0]
+    kk, vv = (t.repeat_interleave(rep, 0) for t in (k, v))
+    return ((q @ kk.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ vv
