@@ -1,0 +1,157 @@
+"""`infllm_v2`: InfLLM-V2's dense-sparse switchable attention (MiniCPM4), over the paged cache.
+
+A sequence whose prompt or total length reaches `dense_len` attends block-sparsely: each query group (the
+step's queries inside one selection block) scores every earlier block through compressed keys and attends
+to `topk + local_blocks` blocks: the init blocks, the local ones, its own and the best-scoring rest (see
+`kernels/block_sparse.py`). Below `dense_len`, and for queries whose blocks all fit in that budget, the
+attention is dense, which is also what sparse attention over every block would compute.
+
+Choices where the paper leaves a server free, and why:
+- The switch is per query row: sparse iff `max(prompt_len, position + 1) >= dense_len`. A prompt past the
+  threshold is sparse from its first token (as the reference sees it whole); a short request that grows past
+  it while decoding switches from then on; and the result does not depend on chunking or on a recompute.
+- Selection is per query group rather than per token, so the group shares one gather of its blocks; prefill
+  chunk boundaries that split a block split its group too.
+- Compressed keys are pooled from per-page key means kept in a side table (filled when a page is full,
+  freed with the page), so crossing `dense_len` builds nothing but the means of pages not yet summarised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from attention_backends.base import Capabilities
+from attention_backends.context import BackendBatch, Phase, SeqStep
+from attention_backends.dense import DenseBackend
+from attention_backends.kernels.block_sparse import (
+    Compressed,
+    Selection,
+    block_pages,
+    compress,
+    kernel_probs,
+    padded_table,
+    select_blocks,
+    sparse_decode,
+    sparse_prefill,
+)
+from attention_backends.registry import register_backend
+
+MEANS_TABLE = "infllm_v2.key_means"
+
+
+class InfLLMV2Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dense_len: int = Field(8192, ge=-1, description="sequences shorter than this stay dense; -1: always sparse")
+    block_size: int = Field(64, ge=1, description="selection block, tokens (a multiple of the cache block)")
+    kernel_size: int = Field(32, ge=1, description="tier-1 compression kernel, tokens; tier 2 is 4x")
+    kernel_stride: int = Field(16, ge=1, description="tier-1 compression stride, tokens; tier 2 is 4x")
+    topk: int = Field(64, ge=1, description="blocks attended beyond the local ones (init blocks count here)")
+    init_blocks: int = Field(1, ge=0, description="leading blocks every query attends")
+    local_blocks: int = Field(32, ge=0, description="blocks before the query's own that it always attends")
+
+    @model_validator(mode="after")
+    def _check(self) -> InfLLMV2Params:
+        if self.kernel_size % self.kernel_stride or self.block_size % self.kernel_stride:
+            raise ValueError("kernel_size and block_size must be multiples of kernel_stride")
+        if self.topk <= self.init_blocks:
+            raise ValueError("topk must exceed init_blocks: the current block needs a place beside the forced ones")
+        return self
+
+    def selection(self, page: int) -> Selection:
+        return Selection(page, self.block_size, self.kernel_size, self.kernel_stride, self.init_blocks,
+                         self.local_blocks, self.topk + self.local_blocks)
+
+    def dense_rows(self, seq: SeqStep) -> int:
+        """How many of the step's leading query rows attend densely."""
+        first_sparse = (self.topk + self.local_blocks) * self.block_size  # earlier rows see every block anyway
+        if self.dense_len >= 0 and seq.prompt_len < self.dense_len:
+            first_sparse = max(first_sparse, self.dense_len - 1)
+        return min(max(first_sparse - seq.num_cached, 0), seq.query_len)
+
+
+@register_backend
+class InfLLMV2Backend(DenseBackend):
+    name = "infllm_v2"
+    Params = InfLLMV2Params
+    capabilities = Capabilities(exact=False)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.means = self.kv.register_side_table(MEANS_TABLE, (self.spec.num_kv_heads, self.spec.head_dim))
+
+    def check(self, params: InfLLMV2Params) -> None:
+        page = self.spec.block_size
+        if params.kernel_stride % page or params.block_size % page:
+            raise ValueError(f"kernel_stride and block_size must be multiples of the KV cache block size ({page})")
+        own = [i for i, w in enumerate(self.spec.layer_windows) if w is not None]
+        if own:
+            raise ValueError(f"infllm_v2 needs full-attention layers; the model's own sliding window covers {own}")
+
+    def prepare(self, batch: BackendBatch) -> None:
+        prefill, dense_decodes, sparse_decodes, fill = [], [], [], []
+        for s in batch.seqs:
+            r = s.params.dense_rows(s)
+            if r < s.query_len:  # sparse rows: their pages' key means must be ready
+                pages = s.block_table[: s.context_len // self.spec.block_size]
+                fill.append(pages[~self.means.filled[pages]])
+            if s.phase is Phase.DECODE:
+                (dense_decodes if r else sparse_decodes).append(s)
+                continue
+            dense = replace(s, query_len=r) if r else None
+            sparse = replace(s, query_start=s.query_start + r, num_cached=s.num_cached + r,
+                             query_len=s.query_len - r) if r < s.query_len else None
+            prefill.append((dense, sparse))
+        batch.meta["prefill"] = prefill
+        batch.meta["decode"] = self.decode_rows(dense_decodes)
+        groups: dict[Selection, list[SeqStep]] = {}
+        for s in sparse_decodes:
+            groups.setdefault(s.params.selection(self.spec.block_size), []).append(s)
+        batch.meta["sparse_decode"] = groups
+        batch.meta["fill"] = torch.cat(fill).unique() if fill else None
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+                scale: float) -> torch.Tensor:
+        self.store_kv(layer, k, v, batch)
+        self._fill_means(layer, batch.meta["fill"])
+        out = torch.empty_like(q)
+        for dense, sparse in batch.meta["prefill"]:
+            if dense is not None:
+                self.prefill(layer, q, k, v, dense, scale, out)
+            if sparse is not None:
+                s, e = sparse.query_start, sparse.query_start + sparse.query_len
+                sel = sparse.params.selection(self.spec.block_size)
+                out[:, s:e] = sparse_prefill(self.kv, layer, q[:, s:e], sparse.num_cached, sparse.block_table,
+                                             self._compressed(layer, sparse, sel), sel, scale)
+        if batch.meta["decode"] is not None:
+            self.decode(layer, q, batch.meta["decode"], scale, out)
+        for sel, seqs in batch.meta["sparse_decode"].items():
+            index = torch.tensor([s.query_start for s in seqs])
+            pages = torch.stack([self._decode_pages(layer, q[:, i : i + 1], s, sel, scale)
+                                 for i, s in zip(index.tolist(), seqs)])
+            lens = torch.tensor([s.context_len for s in seqs])
+            out[:, index] = sparse_decode(self.kv, layer, q[:, index].transpose(0, 1), pages, lens, sel,
+                                          scale).transpose(0, 1)
+        return out
+
+    def _fill_means(self, layer: int, pages: torch.Tensor | None) -> None:
+        if pages is None or not pages.numel():
+            return
+        self.means.data[layer, pages] = self.kv.k[layer][pages.to(self.kv.device)].float().mean(1)
+        if layer == self.spec.num_layers - 1:  # every layer has its means now
+            self.means.filled[pages] = True
+
+    def _compressed(self, layer: int, seq: SeqStep, sel: Selection) -> Compressed:
+        return compress(self.means.data[layer, seq.block_table[: seq.context_len // sel.page]], sel)
+
+    def _decode_pages(self, layer: int, q: torch.Tensor, seq: SeqStep, sel: Selection, scale: float
+                      ) -> torch.Tensor:
+        """The `[H_kv, k * pages_per_block]` cache blocks one decode query attends to."""
+        pos = seq.context_len - 1
+        probs = kernel_probs(q, torch.tensor([pos]), self._compressed(layer, seq, sel), scale)
+        cur = torch.tensor([pos // sel.block])
+        blocks = select_blocks(probs, cur, sel)[:, 0].cpu()
+        return block_pages(blocks, padded_table(seq.block_table, int(cur) + 1, sel), sel)

@@ -1,0 +1,175 @@
+"""InfLLM-V2's block selection and block-sparse attention over the paged cache (PyTorch reference ops).
+
+Compressed keys come from per-page key means (one vector per cache block and KV head, kept in a side
+table): a tier-1 key is the mean of the keys in a window of `kernel` tokens at stride `stride`, which is the
+mean of the page means it spans when both are multiples of the page size. Tier 2 (4x kernel and stride)
+only estimates each query's softmax normaliser.
+
+Selection runs per *query group*: the step's queries that fall in one selection block. The group's score of
+a block is the probability mass its queries (summed over the heads of a KV group) put on the tier-1 keys
+that overlap the block, each query seeing only keys that end at or before its position. Init and local
+blocks are forced in; the group attends to `k` blocks, its own (current) block last, causal inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attention_backends.kernels.paged import gather_head_slots, sdpa
+from kv_cache.paged_kv import PagedKVCache
+
+COARSE = 4  # tier 2's kernel and stride are this multiple of tier 1's, as in the reference
+TILE_ELEMS = 1 << 23  # gathered K elements per prefill tile of query groups (32 MiB in float32)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    page: int  # cache block size
+    block: int  # selection block, tokens
+    kernel: int  # tier-1 kernel and stride, tokens
+    stride: int
+    init_blocks: int
+    local_blocks: int  # blocks before the current one that are always attended
+    k: int  # blocks attended per query group, the forced ones included
+
+    @property
+    def pages_per_block(self) -> int:
+        return self.block // self.page
+
+
+@dataclass(frozen=True, slots=True)
+class Compressed:
+    """One sequence's compressed keys for one layer: tier 1 and tier 2, with the last position each covers."""
+
+    fine: torch.Tensor  # [n1, H_kv, D]
+    fine_last: torch.Tensor  # [n1]
+    coarse: torch.Tensor  # [n2, H_kv, D]
+    coarse_last: torch.Tensor  # [n2]
+
+
+def _pool(means: torch.Tensor, kernel: int, stride: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    kp, sp = kernel // page, stride // page
+    n = (means.shape[0] - kp) // sp + 1 if means.shape[0] >= kp else 0
+    last = torch.arange(n) * stride + kernel - 1
+    if n == 0:
+        return means.new_zeros((0, *means.shape[1:])), last
+    return means[: (n - 1) * sp + kp].unfold(0, kp, sp).mean(-1), last
+
+
+def compress(means: torch.Tensor, sel: Selection) -> Compressed:
+    """`means` `[N, H_kv, D]`: the key means of a sequence's first N (full) pages."""
+    fine, fine_last = _pool(means, sel.kernel, sel.stride, sel.page)
+    coarse, coarse_last = _pool(means, COARSE * sel.kernel, COARSE * sel.stride, sel.page)
+    return Compressed(fine, fine_last, coarse, coarse_last)
+
+
+def kernel_probs(q: torch.Tensor, qpos: torch.Tensor, c: Compressed, scale: float) -> torch.Tensor:
+    """Stage 1: q `[H_q, T, D]` at positions `qpos` -> `[H_kv, T, n]`, each query's probabilities on the tier-1
+    keys it can see, normalised by the tier-2 logsumexp and summed over the query heads of a KV group. Only the
+    first n tier-1 keys, those the last query can see, are scored; a caller pads the rest with zeros."""
+    hkv = c.fine.shape[1]
+    hq, t, d = q.shape
+    qg = q.reshape(hkv, hq // hkv * t, d).float() * scale
+    top, bottom = int(qpos.max()), int(qpos.min())
+
+    def logits(keys: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        n = int((last <= top).sum())
+        s = (qg @ keys[:n].permute(1, 2, 0)).view(hkv, hq // hkv, t, n)
+        lo = int((last[:n] <= bottom).sum())  # keys every query sees need no mask
+        if lo < n:
+            s[..., lo:].masked_fill_((last[None, lo:n] > qpos[:, None]).to(s.device), float("-inf"))
+        return s
+
+    fine = logits(c.fine, c.fine_last)
+    lse = torch.logsumexp(logits(c.coarse, c.coarse_last), -1)
+    if not bool(torch.isfinite(lse).all()):
+        # Queries that see no tier-2 key yet are normalised by their tier-1 keys; those that see none score 0.
+        lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(fine, -1)).nan_to_num(neginf=0.0)
+    return fine.sub_(lse.unsqueeze(-1)).exp_().sum(1)
+
+
+def select_blocks(probs: torch.Tensor, cur: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """probs `[H_kv, M, n1]` of M query groups whose current blocks are `cur` `[M]` -> the `[H_kv, M, k]` block
+    indices each attends to, ascending (so the current block comes last). Needs `cur >= k - 1` throughout."""
+    a, r = sel.kernel // sel.stride, sel.block // sel.stride
+    nb = int(cur.max()) + 1
+    # Block j's score is the max over the tier-1 keys overlapping it: entries [r*j - a + 1, r*j + r - 1].
+    need = (nb - 1) * r + r + a - 1
+    padded = F.pad(probs, (a - 1, max(0, need - (a - 1) - probs.shape[-1])))[..., :need]
+    scores = padded.unfold(-1, r + a - 1, r).amax(-1)
+    j = torch.arange(nb, device=scores.device)
+    cur = cur.to(scores.device).unsqueeze(1)
+    forced = (j < sel.init_blocks) | ((j >= cur - sel.local_blocks) & (j <= cur))
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(j > cur, float("-inf"))
+    # Adjacent blocks share the tier-1 keys that straddle them, so exact ties are common: the stable sort breaks
+    # them towards the earlier block, the same way on every device.
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., : sel.k].sort(-1).values
+
+
+def gather_blocks(kv: PagedKVCache, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of cache blocks chosen per KV head: `pages` `[X, H_kv, n]` -> `[X, H_kv, n * page, D]`."""
+    p = kv.spec.block_size
+    return gather_head_slots(kv, layer, (pages.unsqueeze(-1) * p + torch.arange(p)).flatten(-2))
+
+
+def block_pages(blocks: torch.Tensor, table: torch.Tensor, sel: Selection) -> torch.Tensor:
+    """Selection-block indices `[..., k]` -> the cache block ids holding them `[..., k * pages_per_block]`;
+    `table` is padded with the null block past the sequence's last page."""
+    ppb = sel.pages_per_block
+    return table[(blocks.unsqueeze(-1) * ppb + torch.arange(ppb)).flatten(-2)]
+
+
+def padded_table(table: torch.Tensor, num_blocks: int, sel: Selection) -> torch.Tensor:
+    out = torch.zeros(num_blocks * sel.pages_per_block, dtype=torch.long)
+    n = min(len(table), len(out))
+    out[:n] = table[:n]
+    return out
+
+
+def causal_tail_mask(sel: Selection, dtype: torch.dtype) -> torch.Tensor:
+    """`[block, k * block]` additive mask of one query group over its k blocks: causal in the last one."""
+    b = sel.block
+    visible = torch.ones(b, sel.k * b, dtype=torch.bool)
+    visible[:, -b:] = torch.ones(b, b, dtype=torch.bool).tril()
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+
+
+def sparse_prefill(kv: PagedKVCache, layer: int, q: torch.Tensor, start: int, table: torch.Tensor, c: Compressed,
+                   sel: Selection, scale: float) -> torch.Tensor:
+    """Queries q `[H_q, T, D]` at positions `start..start+T-1` (every one at or past block k - 1), whose keys
+    are all in the cache -> `[H_q, T, D]`. Query groups run in tiles that bound the gathered K/V."""
+    hq, t, d = q.shape
+    b, hkv = sel.block, c.fine.shape[1]
+    m0, m1 = start // b, (start + t - 1) // b + 1
+    table = padded_table(table, m1, sel)
+    mask = causal_tail_mask(sel, q.dtype)
+    tile = max(1, TILE_ELEMS // (hkv * sel.k * b * d))
+    out = torch.empty_like(q)
+    for ma in range(m0, m1, tile):
+        mb = min(m1, ma + tile)
+        r0, r1 = max(start, ma * b) - start, min(start + t, mb * b) - start
+        qpos = torch.arange(start + r0, start + r1)
+        probs = kernel_probs(q[:, r0:r1], qpos, c, scale)
+        groups = torch.zeros(hkv, mb - ma, probs.shape[-1], device=probs.device)
+        groups.index_add_(1, (qpos // b - ma).to(probs.device), probs)
+        pages = block_pages(select_blocks(groups, torch.arange(ma, mb), sel).cpu(), table, sel)
+        k, v = gather_blocks(kv, layer, pages.transpose(0, 1))
+        qpad = q.new_zeros(hq, (mb - ma) * b, d)
+        qpad[:, qpos - ma * b] = q[:, r0:r1]
+        o = sdpa(qpad.view(hq, mb - ma, b, d).transpose(0, 1), k, v, scale, mask=mask)
+        out[:, r0:r1] = o.transpose(0, 1).reshape(hq, -1, d)[:, qpos - ma * b]
+    return out
+
+
+def sparse_decode(kv: PagedKVCache, layer: int, q: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor,
+                  sel: Selection, scale: float) -> torch.Tensor:
+    """One query per row, q `[B, H_q, D]`, over the cache blocks `pages` `[B, H_kv, k * pages_per_block]` of its
+    selected blocks (current block last); `lens` `[B]` context lengths -> `[B, H_q, D]`."""
+    k, v = gather_blocks(kv, layer, pages)
+    b = sel.block
+    tail = ((lens - 1) // b * b).unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
+    valid = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
+    return sdpa(q.unsqueeze(2), k, v, scale, mask=valid[:, None, None, :]).squeeze(2)

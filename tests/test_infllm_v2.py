@@ -1,0 +1,197 @@
+"""InfLLM-V2 (`infllm_v2`): each layer against an explicit reference that builds every query group's
+selected-block mask from the raw keys, reduction to dense, side tables freed with their blocks, serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from backend_harness import SynthSeq, masked_attention, run_steps
+from conftest import natural_text
+
+from attention_backends.context import AttentionSpec
+from attention_backends.infllm_v2 import MEANS_TABLE, InfLLMV2Backend
+from attention_backends.kernels import block_sparse
+from attention_backends.kernels.block_sparse import sparse_prefill
+from attention_backends.registry import BackendError, validate_params
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from kv_cache.paged_kv import KVSpec, PagedKVCache
+from server.config import read_config_file, served_models_from
+
+BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
+SMALL = dict(block_size=32, kernel_size=32, kernel_stride=16, topk=3, init_blocks=1, local_blocks=1)
+
+
+def reference(q, qpos, k, v, prompt_len, p, scale):
+    """q `[Hq, T, D]` at positions qpos (one step's rows of one sequence) over keys 0..qpos[-1], spelled out:
+    tier-1/2 means straight from the keys, per-row visibility, group sums, overlap max, forced blocks, top-k."""
+    n, b, ks, ss = int(qpos[-1]) + 1, p.block_size, p.kernel_size, p.kernel_stride
+    kpos = torch.arange(n)
+    k_sel = p.topk + p.local_blocks
+    sparse = (qpos >= k_sel * b) & ((p.dense_len < 0) | (prompt_len >= p.dense_len) | (qpos + 1 >= p.dense_len))
+    mask = (kpos[None] <= qpos[:, None]).expand(HQ, -1, -1).clone()
+    if not sparse.any():
+        return masked_attention(q, k[:, :n], v[:, :n], mask, scale)
+
+    def entries(kernel, stride):
+        starts = range(0, n - kernel + 1, stride)
+        return (torch.stack([k[:, s : s + kernel].mean(1) for s in starts], 1),
+                torch.tensor([s + kernel - 1 for s in starts]))
+
+    c1, last1 = entries(ks, ss)
+    c2, last2 = entries(4 * ks, 4 * ss)
+    for cur in sorted({int(x) // b for x in qpos[sparse]}):
+        rows = [i for i in range(len(qpos)) if sparse[i] and int(qpos[i]) // b == cur]
+        score = torch.zeros(HKV, len(last1))
+        for i in rows:
+            for h in range(HQ):
+                g = h // (HQ // HKV)
+                s1 = (q[h, i] @ c1[g].T) * scale
+                s2 = (q[h, i] @ c2[g].T) * scale
+                vis1, vis2 = last1 <= qpos[i], last2 <= qpos[i]
+                lse = torch.logsumexp(s2[vis2], 0) if vis2.any() else torch.logsumexp(s1[vis1], 0)
+                score[g] += torch.where(vis1, torch.exp(s1 - lse), torch.zeros(()))
+        for g in range(HKV):
+            block = torch.zeros(cur + 1)
+            for j in range(cur + 1):
+                overlap = [i for i in range(len(last1)) if i * ss < (j + 1) * b and i * ss + ks > j * b]
+                block[j] = score[g, overlap].max() if overlap else 0.0
+                if j < p.init_blocks or j >= cur - p.local_blocks:
+                    block[j] = float("inf")
+            chosen = torch.zeros(n, dtype=torch.bool)
+            for j in block.sort(descending=True, stable=True).indices[:k_sel].tolist():  # ties: earlier block
+                chosen[j * b : (j + 1) * b] = True
+            for h in range(g * (HQ // HKV), (g + 1) * (HQ // HKV)):
+                mask[h, rows] &= chosen
+    return masked_attention(q, k[:, :n], v[:, :n], mask, scale)
+
+
+def _backend(num_blocks=80):
+    spec = AttentionSpec(LAYERS, HQ, HKV, D, 4096, BS, (None,) * LAYERS)
+    kv = PagedKVCache(KVSpec(LAYERS, HKV, D, BS), num_blocks=num_blocks)
+    return InfLLMV2Backend(kv, spec), kv
+
+
+CASES = {  # name: (dense_len, prompt chunks of A, decodes)
+    "always-sparse": (-1, [300], 40),
+    "always-sparse-chunked": (-1, [100, 77, 123], 40),
+    "long-prompt-chunked": (200, [150, 61, 89], 10),
+    "crosses-while-decoding": (310, [100, 200], 40),
+}
+
+
+@pytest.mark.parametrize("tile", ["one-tile", "tile-per-group"])
+@pytest.mark.parametrize("case", CASES)
+def test_layers_match_masked_reference(case, tile, monkeypatch):
+    if tile == "tile-per-group":
+        monkeypatch.setattr(block_sparse, "TILE_ELEMS", 1)
+    dense_len, chunks, decodes = CASES[case]
+    torch.manual_seed(0)
+    backend, kv = _backend()
+    params = validate_params("infllm_v2", dict(SMALL, dense_len=dense_len))
+    prompt = sum(chunks)
+    # A runs its chunks then decodes across several block boundaries; B (other blocks) prefills then decodes.
+    seqs = {"a": SynthSeq.random(LAYERS, HQ, HKV, D, prompt + decodes, prompt, 1, BS),
+            "b": SynthSeq.random(LAYERS, HQ, HKV, D, 260 + len(chunks) + decodes, 260, 40, BS)}
+    schedule = [[("a", n), ("b", 260 if i == 0 else 1)] for i, n in enumerate(chunks + [1] * decodes)]
+
+    def check(layer, name, step, got):
+        s = seqs[name]
+        qpos = torch.arange(step.num_cached, step.context_len)
+        want = reference(s.q[layer][:, qpos], qpos, s.k[layer], s.v[layer], s.prompt_len, params, D**-0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    run_steps(backend, seqs, schedule, params, check)
+    assert backend.means.filled[seqs["a"].table[: (prompt + decodes) // BS]].all()
+
+
+def test_sparse_kernel_over_every_block_is_dense():
+    """Queries in block k-1 see k blocks: the selection takes all of them and the kernel must be exact."""
+    torch.manual_seed(1)
+    backend, kv = _backend()
+    params = validate_params("infllm_v2", dict(SMALL, dense_len=-1))
+    sel = params.selection(BS)
+    n = sel.k * sel.block
+    seq = SynthSeq.random(LAYERS, HQ, HKV, D, n, n, 1, BS)
+    run_steps(backend, {"s": seq}, [[("s", n)]], params, lambda *a: None)
+    start = n - sel.block + 5
+    c = backend._compressed(0, type("S", (), dict(block_table=seq.table, context_len=n))(), sel)
+    got = sparse_prefill(kv, 0, seq.q[0][:, start:], start, seq.table, c, sel, D**-0.5)
+    qpos = torch.arange(start, n)
+    want = masked_attention(seq.q[0][:, start:], seq.k[0], seq.v[0], torch.arange(n)[None] <= qpos[:, None], D**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_params_validation(loaded):
+    for bad in (dict(kernel_size=40), dict(block_size=40), dict(topk=1), dict(dense_len=-2), dict(nope=1)):
+        with pytest.raises(BackendError):
+            validate_params("infllm_v2", bad)
+    backend, _ = _backend()
+    with pytest.raises(ValueError, match="multiples of the KV cache block"):
+        backend.check(validate_params("infllm_v2", dict(kernel_size=24, kernel_stride=8, block_size=48)))
+
+
+def _greedy_with_logprobs(engine, prompts, **backend):
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, sp, **backend) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
+    return [got[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    return [loaded.tokenizer.encode(natural_text(n, 11 + n)) for n in (4, 30, 45)]
+
+
+@pytest.mark.parametrize("params", [dict(dense_len=4096), dict(dense_len=-1, topk=16, local_blocks=1)],
+                         ids=["below-dense_len", "topk-covers-every-block"])
+def test_reduces_to_dense(make_engine, prompts, params):
+    """The second case runs the sparse kernels, with every block selected, on the rows in block 16."""
+    if params["dense_len"] < 0:
+        assert 16 * 64 < max(len(p) for p in prompts) < max(len(p) for p in prompts) + 12 <= 17 * 64
+    engine = make_engine(max_num_batched_tokens=256)
+    dense = _greedy_with_logprobs(engine, prompts)
+    sparse = _greedy_with_logprobs(engine, prompts, attention_backend="infllm_v2", attention_params=params)
+    for (dt, dl), (st, sl) in zip(dense, sparse):
+        assert st == dt
+        assert max(abs(a - b) for a, b in zip(dl, sl)) < 1e-5
+
+
+def test_side_tables_freed_with_their_blocks(make_engine, prompts):
+    engine = make_engine(enable_prefix_caching=False, max_num_batched_tokens=256)
+    params = dict(dense_len=512, block_size=32, topk=4, local_blocks=2)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ids = [engine.add_request(p, sp, attention_backend="infllm_v2", attention_params=params) for p in prompts]
+    means = engine.kv.side_tables[MEANS_TABLE]
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, int(means.filled.sum()))
+    assert peak >= sum(len(p) for p in prompts[1:]) // 16  # the long prompts were summarised page by page
+    assert engine.usage().used == 0 and not means.filled.any()
+    assert ids
+
+
+def test_served_by_name_and_by_extra_body(start_server):
+    recipes = read_config_file(Path(__file__).resolve().parents[1] / "configs/default.yaml")["served_models"]
+    server = start_server(served_models=served_models_from(recipes, "unused", EngineConfig()))
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    assert "smollm2-135m:infllm-v2" in {m.id for m in client.models.list().data}
+    prompt = natural_text(120, 5)
+    recipe = next(r for r in recipes if r["name"] == "smollm2-135m:infllm-v2")
+    by_name = client.completions.create(model="smollm2-135m:infllm-v2", prompt=prompt, max_tokens=8, temperature=0)
+    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"attention_backend": "infllm_v2",
+                                                    "attention_params": recipe["attention_params"]})
+    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
+    assert server.metric("longserve:requests_total", attention_backend="infllm_v2") == 2
+    with pytest.raises(openai.BadRequestError, match="kernel_stride"):
+        client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={
+            "attention_backend": "infllm_v2", "attention_params": {"kernel_size": 40}})
