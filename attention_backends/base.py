@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -23,7 +22,7 @@ class Capabilities:
     chunked_prefill: bool = True
     prefix_caching: bool = True
     releases_blocks: bool = False  # implements blocks_to_release()
-    needs_calibration: bool = False  # implements calibrate()
+    needs_calibration: bool = False  # a `CalibratedBackend`: needs an artifact from offline calibration
 
 
 class AttentionBackend:
@@ -56,7 +55,3 @@ class AttentionBackend:
         """Indices into the sequence's block table it will never read again. Called after the step ran, with
         `seq.num_cached` already counting the step's tokens."""
         return []
-
-    @classmethod
-    def calibrate(cls, model: torch.nn.Module, tokenizer: object, text: str, params: BaseModel, out_dir: Path) -> Path:
-        raise NotImplementedError(f"backend {cls.name!r} needs no calibration")

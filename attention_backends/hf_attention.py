@@ -7,7 +7,7 @@ boundaries in the packed `[1, T]` batch; it learns them from the step context se
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,6 +34,17 @@ def step_context(ctx: StepContext) -> Iterator[None]:
         _local.ctx = None
 
 
+@contextmanager
+def capture_qk(fn: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Calls `fn(layer, q, k)` with each layer's post-RoPE queries `[H_q, T, D]` and keys `[H_kv, T, D]` while
+    this thread runs steps: what offline calibration learns from."""
+    _local.capture = fn
+    try:
+        yield
+    finally:
+        _local.capture = None
+
+
 def longserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -48,6 +59,9 @@ def longserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = module.layer_idx
     q, k, v = query[0], key[0], value[0]  # [H, T, D]
+    capture = getattr(_local, "capture", None)
+    if capture is not None:
+        capture(layer, q, k)
     if len(ctx.batches) == 1:
         name, batch = next(iter(ctx.batches.items()))
         out = ctx.backends[name].forward(layer, q, k, v, batch, scale)

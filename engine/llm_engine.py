@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +13,11 @@ import torch
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from attention_backends.base import AttentionBackend
+from attention_backends.calibrated import CalibratedBackend
 from attention_backends.context import AttentionSpec
 from attention_backends.registry import BackendError, validate_params
+from engine import calibration
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_loader import LoadedModel, layer_windows, load_model
@@ -100,6 +104,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.step_errors: dict[str, Exception] = {}  # requests that failed in a step, until the caller takes them
         self._ids = itertools.count()
+        self._calibration_lock = threading.Lock()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -134,17 +139,30 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         seq = Sequence(request_id, ids, sampling, backend, params, len(ids) + max_new, generator)
-        impl = self.runner.backend(backend)  # built here, so a backend that cannot be built fails here
-        try:
-            impl.check(params)
-        except ValueError as e:
-            raise BackendError(f"attention_params for {backend!r}: {e}") from e
+        impl = self.prepare_backend(backend, params)
+        seq.prefix_caching = impl.capabilities.prefix_caching
         if not impl.capabilities.exact:
             # its KV differs from dense for the same tokens: a prefix-cache namespace of its own
             seq.cache_salt = hashlib.sha256(f"{backend}:{params.model_dump_json()}".encode()).digest()
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop_strings,
                                                  sampling.include_stop_str_in_output, sampling.skip_special_tokens)
         return seq
+
+    def prepare_backend(self, backend: str, params: BaseModel, calibrate: bool = True) -> AttentionBackend:
+        """Build the backend (so one that cannot be built fails here), check the params against the model, and
+        give it its calibration artifact: loaded, or (`calibrate`) made now when the cache has none yet."""
+        impl = self.runner.backend(backend)
+        try:
+            impl.check(params)
+            if isinstance(impl, CalibratedBackend) and impl.artifact_key(params) not in impl.artifacts:
+                with self._calibration_lock:  # request threads may arrive together; calibrate once
+                    if impl.artifact_key(params) not in impl.artifacts:
+                        tensors = calibration.obtain(self.loaded, impl, params, self.config.model, calibrate)
+                        if tensors is not None:
+                            impl.load_calibration(params, tensors)
+        except ValueError as e:
+            raise BackendError(f"attention_params for {backend!r}: {e}") from e
+        return impl
 
     def enqueue(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -183,7 +201,9 @@ class LLMEngine:
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens, seq.cache_salt)
+            if seq.prefix_caching:
+                self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens,
+                                                  seq.cache_salt)
         outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
         for seq, step in (step for r in results for step in r.steps):
             if not seq.is_finished:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.sequence import Sequence, SequenceStatus
-from kv_cache.manager import KVCacheManager
+from kv_cache.manager import KVCacheManager, PrefixHit
 
 
 @dataclass(slots=True)
@@ -67,7 +67,8 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.kv.find_prefix(seq.request_id, seq.token_ids, seq.cache_salt)
+            hit = (self.kv.find_prefix(seq.request_id, seq.token_ids, seq.cache_salt) if seq.prefix_caching
+                   else PrefixHit([], 0))
             cached = hit.num_blocks * self.config.block_size
             n = self._chunk(seq, cached, budget, contended)
             if not self.kv.can_admit(hit, cached + n):

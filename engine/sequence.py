@@ -44,6 +44,7 @@ class Sequence:
     stop_reason: int | str | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
     cache_salt: bytes | None = None  # prefix-cache namespace; None: dense-identical KV
+    prefix_caching: bool = True  # False: its blocks do not hold positions in order (a compacting backend)
     detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
 
     def __post_init__(self) -> None:

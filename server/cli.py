@@ -118,6 +118,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from attention_backends.calibrated import CalibratedBackend
+    from attention_backends.registry import validate_params
+    from engine import calibration
+    from engine.llm_engine import LLMEngine
+
+    params = validate_params(args.backend, {**args.attention_params, "calibration": None})
+    n = args.max_tokens + 16
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=n,
+                                    num_kv_blocks=n // 16 + 2))
+    impl = engine.runner.backend(args.backend)
+    if not isinstance(impl, CalibratedBackend):
+        raise ValueError(f"backend {args.backend!r} needs no calibration")
+    impl.check(params)
+    text = Path(args.data).read_text() if args.data else calibration.CALIBRATION_TEXT.read_text()
+    tensors = calibration.run_calibration(engine.loaded, impl, params, text, args.max_tokens)
+    path = Path(args.output) if args.output else calibration.artifact_path(args.backend, engine.loaded.fingerprint,
+                                                                           params)
+    calibration.save_artifact(path, tensors, args.backend, engine.loaded.fingerprint, params, text, args.max_tokens)
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longserve", description="long-context LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     add_server_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+    cal = sub.add_parser("calibrate", help="make a backend's calibration artifact (Loki's PCA, TCA's head budgets)")
+    cal.add_argument("--backend", required=True)
+    cal.add_argument("--model", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    cal.add_argument("--data", default=None, help="calibration text file (default: the text bundled with longserve)")
+    cal.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text the model reads")
+    cal.add_argument("--attention-params", type=json.loads, default={}, help="JSON object of backend params")
+    cal.add_argument("--output", default=None, help="artifact path (default: the cache, where the server looks)")
+    cal.add_argument("--device", default="auto")
+    cal.add_argument("--dtype", default="auto")
+    cal.set_defaults(func=_calibrate)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = _parse(parser, srv, argv)

@@ -72,7 +72,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> int:
-    engine = AsyncEngine(LLMEngine(config.engine))
+    llm = LLMEngine(config.engine)
+    for m in config.served_models:  # load calibration artifacts now; a refused one stops the start
+        llm.prepare_backend(m.attention_backend, m.attention_params, calibrate=False)
+    engine = AsyncEngine(llm)
     app = build_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, http="h11",
                                h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=1,

@@ -1,0 +1,170 @@
+"""`tca`: TCA-Attention (You et al., 2025), training-free context-adaptive attention, with KV eviction.
+
+The paper's code is not public; `algorithms.md` section 3 reconstructs the method and these are the
+simplest choices consistent with it:
+- A block is a cache block (b = 16 tokens), so a block keeps 1, 2, 4, 8 or 16 tokens per KV head.
+- Budgets are per (layer, KV head), calibrated offline (`tca_calibration.py`): under GQA a token leaves
+  memory only when no head keeps it, so per-query-head budgets would save nothing.
+- When a block completes, its last query (averaged over its KV group's heads) attends to the block's keys;
+  redundancy = 1 - entropy / log b sets the block's budget against the head's calibrated thresholds, and
+  the head keeps its top-k tokens of that attention. The decision is final.
+- A query sees, per KV head, the kept tokens of compacted blocks, and every token from the sequence's
+  frontier on: the last `local_blocks` blocks at decode, and in prefill also the whole chunk so far
+  (earlier chunks are already compacted), so a prompt's result depends on its chunking.
+- After each step, blocks behind the local window are compacted: each (layer, KV head) packs the tokens it
+  keeps into region "head pages": one KV head's column of one layer's plane of a region block. Any
+  (layer, head) may fill any head page (the cache is one tensor across layers), so a sequence holds the
+  *mean* kept share over layers and heads, not the union over a layer's heads or the largest layer's.
+  Region blocks are the first compacted blocks themselves; the rest return to the pool. They hold no
+  positions, so TCA requests take no part in prefix caching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+
+from attention_backends.base import AttentionBackend, Capabilities
+from attention_backends.calibrated import CalibratedBackend, CalibratedParams
+from attention_backends.context import BackendBatch, SeqStep
+from attention_backends.kernels.paged import gather_range, sdpa
+from attention_backends.registry import register_backend
+from attention_backends.tca_calibration import TCACalibrator, block_attention, budget_class, redundancy
+
+KEEP_TABLE = "tca.keep"
+TILE = 256  # query rows per attention call in prefill
+
+
+class TCAParams(CalibratedParams):
+    shaping = ("tolerance", "local_blocks")
+
+    tolerance: float = Field(0.05, gt=0, lt=1, description="calibration: attention mass a head may lose")
+    local_blocks: int = Field(4, ge=1, description="most recent blocks kept whole, the current one included")
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    thresholds: torch.Tensor  # [layers, H_kv, m - 1], descending redundancy thresholds
+
+
+@register_backend
+class TCABackend(CalibratedBackend, AttentionBackend):
+    name = "tca"
+    Params = TCAParams
+    capabilities = Capabilities(exact=False, prefix_caching=False, releases_blocks=True, needs_calibration=True)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep = self.kv.register_side_table(KEEP_TABLE, (self.spec.block_size, self.spec.num_kv_heads),
+                                                torch.bool)
+
+    def calibrator(self, params: TCAParams) -> TCACalibrator:
+        return TCACalibrator(self.spec.block_size, params.local_blocks, params.tolerance)
+
+    def from_tensors(self, tensors: dict[str, torch.Tensor]) -> Budgets:
+        thr = tensors["thresholds"]
+        m = self.spec.block_size.bit_length()  # budgets 1, 2, ..., block_size
+        want = (self.spec.num_layers, self.spec.num_kv_heads, m - 1)
+        if tuple(thr.shape) != want:
+            raise ValueError(f"the TCA artifact's thresholds are {tuple(thr.shape)}, this model needs {want}")
+        return Budgets(thr.to(self.kv.device, torch.float32))
+
+    def prepare(self, batch: BackendBatch) -> None:
+        bs = self.spec.block_size
+        completed = []  # (seq, batch rows of the blocks' last queries, their block ids)
+        for s in batch.seqs:
+            if not s.state:
+                s.state.update(frontier=0, region=[], free=[], rows=self._per_head(torch.zeros(0, dtype=torch.long)),
+                               spare=self._per_head(None))
+            first, last = -(-(s.num_cached + 1) // bs), s.context_len // bs  # blocks whose last token is in
+            if last >= first:
+                blocks = torch.arange(first - 1, last)
+                rows = s.query_start + (blocks + 1) * bs - 1 - s.num_cached
+                completed.append((s, rows, s.block_table[blocks]))
+        batch.meta["completed"] = completed
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+                scale: float) -> torch.Tensor:
+        self.store_kv(layer, k, v, batch)
+        for seq, rows, blocks in batch.meta["completed"]:
+            self.decide(layer, q[:, rows], blocks, self.artifact(seq.params), scale)
+        out = torch.empty_like(q)
+        for seq in batch.seqs:
+            region = self.region(layer, seq)
+            for t0 in range(0, seq.query_len, TILE):
+                n = min(TILE, seq.query_len - t0)
+                self.attend(layer, q, seq, region, seq.query_start + t0, seq.num_cached + t0, n, scale, out)
+        return out
+
+    def _per_head(self, value: torch.Tensor | None) -> list[list]:
+        """Per (layer, KV head): `rows` of `k_all.view(-1, D)` holding its region tokens, or `spare` rows (a list)
+        left in its last head page."""
+        hkv = self.spec.num_kv_heads
+        return [[value if value is not None else [] for _ in range(hkv)] for _ in range(self.spec.num_layers)]
+
+    def decide(self, layer: int, probe: torch.Tensor, blocks: torch.Tensor, budgets: Budgets, scale: float) -> None:
+        """Keep masks of just-completed blocks, from their last queries `probe` `[H_q, N, D]`."""
+        hkv, dev = self.spec.num_kv_heads, blocks.to(self.kv.device)
+        a = block_attention(probe.reshape(hkv, -1, len(blocks), probe.shape[-1]), self.kv.k[layer][dev], scale)
+        budget = 2 ** budget_class(redundancy(a), budgets.thresholds[layer].unsqueeze(1))  # [H_kv, N]
+        keep = a.argsort(-1, descending=True).argsort(-1) < budget.unsqueeze(-1)  # [H_kv, N, bs]
+        self.keep.data[layer, dev] = keep.permute(1, 2, 0)
+
+    def region(self, layer: int, seq: SeqStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's region tokens per KV head, padded to the longest: K and V `[H_kv, C, D]`, and which of
+        them each query head sees `[H_q, C]`."""
+        rows = seq.state["rows"][layer]
+        n = max(len(r) for r in rows)
+        padded = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows]).to(self.kv.device)
+        valid = torch.arange(n) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+        d = self.spec.head_dim
+        kr, vr = (t.view(-1, d)[padded] for t in (self.kv.k_all, self.kv.v_all))
+        return kr, vr, valid.to(self.kv.device).repeat_interleave(self.spec.num_heads // self.spec.num_kv_heads, 0)
+
+    def attend(self, layer: int, q: torch.Tensor, seq: SeqStep, region: tuple[torch.Tensor, ...], start: int,
+               pos: int, n: int, scale: float, out: torch.Tensor) -> None:
+        """Rows `start..start+n` (positions `pos..`): kept region tokens per KV head, then every token from
+        the frontier on, causally."""
+        (kr, vr, kept), frontier = region, seq.state["frontier"]
+        kp, vp = gather_range(self.kv, layer, seq.block_table, frontier, pos + n)
+        kpos = torch.arange(frontier, pos + n, device=kept.device)
+        causal = kpos <= torch.arange(pos, pos + n, device=kept.device).unsqueeze(1)  # [n, L - frontier]
+        mask = torch.cat([kept.unsqueeze(1).expand(-1, n, -1), causal.expand(len(kept), -1, -1)], -1)
+        out[:, start : start + n] = sdpa(q[:, start : start + n], torch.cat([kr, kp], 1), torch.cat([vr, vp], 1),
+                                         scale, mask=mask)
+
+    def blocks_to_release(self, seq: SeqStep) -> list[int]:
+        """Compact the blocks that left the local window; give back those the region did not absorb."""
+        st, bs, hkv, layers = seq.state, self.spec.block_size, self.spec.num_kv_heads, self.spec.num_layers
+        frontier = max(st["frontier"], ((seq.num_cached - 1) // bs - seq.params.local_blocks + 1) * bs)
+        if frontier <= st["frontier"]:
+            return []
+        indices = list(range(st["frontier"] // bs, frontier // bs))
+        slots = (seq.block_table[indices].unsqueeze(1) * bs + torch.arange(bs)).flatten()
+        moved = []  # per (layer, head): the rows of the tokens it keeps, and their K/V, read before any write
+        for layer in range(layers):
+            keep = self.keep.data[layer].view(-1, hkv)[slots.to(self.kv.device)].cpu()  # [tokens, H_kv]
+            for h in range(hkv):
+                rows = ((layer * self.kv.num_blocks * bs + slots[keep[:, h]]) * hkv + h).to(self.kv.device)
+                moved.append((layer, h, self.kv.k_all.view(-1, self.spec.head_dim)[rows],
+                              self.kv.v_all.view(-1, self.spec.head_dim)[rows]))
+        pages = sum(max(0, -(-(len(kk) - len(st["spare"][layer][h])) // bs)) for layer, h, kk, _ in moved)
+        absorbed = indices[: max(0, -(-(pages - len(st["free"])) // (layers * hkv)))]
+        st["region"].extend(absorbed)
+        for i in absorbed:  # a head page: rows of slots 0..bs-1 of one (plane, block, head)
+            block = int(seq.block_table[i])
+            st["free"].extend(((plane * self.kv.num_blocks + block) * bs + torch.arange(bs)) * hkv + h
+                              for plane in range(layers) for h in range(hkv))
+        for layer, h, kk, vv in moved:
+            spare = st["spare"][layer][h]
+            while len(spare) < len(kk):
+                spare.extend(st["free"].pop(0).tolist())
+            dst = torch.tensor(spare[: len(kk)], dtype=torch.long)
+            del spare[: len(kk)]
+            st["rows"][layer][h] = torch.cat([st["rows"][layer][h], dst])
+            self.kv.k_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = kk
+            self.kv.v_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = vv
+        st["frontier"] = frontier
+        return indices[len(absorbed):]
