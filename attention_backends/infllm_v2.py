@@ -38,6 +38,7 @@ from attention_backends.kernels.block_sparse import (
     sparse_prefill,
 )
 from attention_backends.registry import register_backend
+from kv_cache.paged_kv import take_blocks
 
 MEANS_TABLE = "infllm_v2.key_means"
 
@@ -145,7 +146,7 @@ class InfLLMV2Backend(DenseBackend):
             self.means.filled[pages] = True
 
     def _compressed(self, layer: int, seq: SeqStep, sel: Selection) -> Compressed:
-        return compress(self.means.data[layer, seq.block_table[: seq.context_len // sel.page]], sel)
+        return compress(take_blocks(self.means.data[layer], seq.block_table[: seq.context_len // sel.page]), sel)
 
     def _decode_pages(self, layer: int, q: torch.Tensor, seq: SeqStep, sel: Selection, scale: float
                       ) -> torch.Tensor:

@@ -25,6 +25,7 @@ from attention_backends.context import BackendBatch, SeqStep
 from attention_backends.dense import DenseBackend
 from attention_backends.kernels.paged import gather_head_slots, sdpa
 from attention_backends.registry import register_backend
+from kv_cache.paged_kv import take_blocks
 
 TILE_ELEMS = 1 << 23  # gathered K elements per tile of prefill rows in `prefill: topk`
 
@@ -137,7 +138,7 @@ class LokiBackend(CalibratedBackend, DenseBackend):
         p, (hq, hkv, dim) = seq.params, (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim)
         g, d, length, bs = hq // hkv, p.rank(dim), pos + n, self.spec.block_size
         table = seq.block_table[: math.ceil(length / bs)].to(self.kv.device)
-        low = self.lowrank(d).data[layer][table].flatten(0, 1)[:length]  # [L, H_kv, d]
+        low = take_blocks(self.lowrank(d).data[layer], table).flatten(0, 1)[:length]  # [L, H_kv, d]
         q = qr[:, start : start + n]  # [H_q, n, D]
         approx = torch.einsum("hgnd,lhd->hgnl", q[..., :d].reshape(hkv, g, n, d), low)
         s = 1 if p.selection == "group" else g  # token sets per KV head

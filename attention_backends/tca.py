@@ -40,7 +40,7 @@ TILE = 256  # query rows per attention call in prefill
 class TCAParams(CalibratedParams):
     shaping = ("tolerance", "local_blocks")
 
-    tolerance: float = Field(0.05, gt=0, lt=1, description="calibration: attention mass a head may lose")
+    tolerance: float = Field(0.01, gt=0, lt=1, description="calibration: attention mass a head may lose")
     local_blocks: int = Field(4, ge=1, description="most recent blocks kept whole, the current one included")
 
 

@@ -13,21 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from common import backend_kwargs, quality_tables, random_prompt
 
-import torch  # noqa: E402
-from conftest import natural_text  # noqa: E402
-
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
 
 W, S = 1024, 64
 RECIPES = {
@@ -38,15 +31,10 @@ RECIPES = {
     "bounded (W=1024, S=64, windowed decode, release_kv)": dict(window=W, sinks=S, prefill_only=False,
                                                                 release_kv=True),
 }
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def backend(params: dict | None) -> dict:
-    return {} if params is None else {"attention_backend": "sliding_window", "attention_params": params}
-
-
-def random_prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return backend_kwargs(None if params is None else ("sliding_window", params))
 
 
 def bench_ttft(engine: LLMEngine, repeats: int) -> None:
@@ -88,45 +76,6 @@ def bench_kv(engine: LLMEngine) -> None:
     print(f"| bounded (release_kv, W=1024, S=64) | {bounded} | {bounded / dense:.3f}x | <= 0.20x |")
 
 
-def passkey_prompt(engine: LLMEngine, n: int, depth: float, key: int) -> list[int]:
-    tok = engine.tokenizer
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "What is the pass key? Answer with the number only."
-    filler = tok.encode(FILLER * (n // 15 + 1))
-    frame = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": needle + question}],
-                                                   tokenize=False, add_generation_prompt=True),
-                           add_special_tokens=False))
-    body = filler[: max(0, n - frame)]
-    cut = int(len(body) * depth)
-    text = tok.decode(body[:cut]) + needle + tok.decode(body[cut:]) + "\n" + question
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                              add_generation_prompt=True), add_special_tokens=False)
-
-
-def bench_quality(engine: LLMEngine) -> None:
-    sp = SamplingParams(temperature=0, max_tokens=12)
-    cells = [(n, d, 10000 + 7919 * i) for i, (n, d) in enumerate((n, d) for n in (1000, 2000, 4000)
-                                                                   for d in (0.1, 0.5, 0.9))]
-    prompts = [passkey_prompt(engine, n, d, key) for n, d, key in cells]
-    print("\n| recipe | passkey 1k (10/50/90%) | 2k | 4k | total |")
-    print("|---|---|---|---|---|")
-    for name, params in RECIPES.items():
-        outs = engine.generate(prompts, sp, **backend(params))
-        hits = [str(key) in o.text for (_, _, key), o in zip(cells, outs)]
-        by_len = ["".join("Y" if h else "." for h in hits[i: i + 3]) for i in (0, 3, 6)]
-        print(f"| {name} | {by_len[0]} | {by_len[1]} | {by_len[2]} | {sum(hits)}/9 |")
-
-    text = engine.tokenizer.encode(natural_text(400, 11))[:4000]
-    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    ref = engine.generate([text], sp)[0].token_ids
-    print("\n| recipe | greedy tokens equal to dense before the first difference (of 64) | positions equal |")
-    print("|---|---|---|")
-    for name, params in list(RECIPES.items())[1:]:
-        got = engine.generate([text], sp, **backend(params))[0].token_ids
-        first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), 64)
-        print(f"| {name} | {first} | {sum(a == b for a, b in zip(got, ref))}/64 |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -141,7 +90,7 @@ def main() -> None:
     if "kv" in only:
         bench_kv(engine)
     if "quality" in only:
-        bench_quality(engine)
+        quality_tables(engine, {name: None if p is None else ("sliding_window", p) for name, p in RECIPES.items()})
 
 
 if __name__ == "__main__":

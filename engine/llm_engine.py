@@ -148,6 +148,12 @@ class LLMEngine:
                                                  sampling.include_stop_str_in_output, sampling.skip_special_tokens)
         return seq
 
+    def backend_ready(self, backend: str, params: BaseModel) -> bool:
+        """Whether `prepare_backend` would return at once (no artifact to load or make)."""
+        impl = self.runner.backends.get(backend)
+        return impl is not None and (not isinstance(impl, CalibratedBackend) or impl.artifact_key(params) in
+                                     impl.artifacts)
+
     def prepare_backend(self, backend: str, params: BaseModel, calibrate: bool = True) -> AttentionBackend:
         """Build the backend (so one that cannot be built fails here), check the params against the model, and
         give it its calibration artifact: loaded, or (`calibrate`) made now when the cache has none yet."""

@@ -13,6 +13,17 @@ import torch
 from kv_cache.block_pool import BlockPool
 
 
+def take_blocks(t: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """`t[block_ids]` for a per-block tensor (`[num_blocks, ...]`), a view without a copy when the ids are
+    consecutive."""
+    flat = block_ids.flatten()
+    n = flat.numel()
+    if n and int(flat[-1]) - int(flat[0]) == n - 1 and (n == 1 or bool((flat.diff() == 1).all())):
+        first = int(flat[0])
+        return t[first : first + n].view(*block_ids.shape, *t.shape[1:])
+    return t[block_ids]
+
+
 @dataclass(frozen=True, slots=True)
 class KVSpec:
     num_layers: int
@@ -78,11 +89,7 @@ class PagedKVCache:
         """K/V of whole blocks: `block_ids` of any shape `S` gives `[*S, block_size, num_kv_heads, head_dim]`.
         Copying whole blocks is several times faster than gathering token by token, and consecutive blocks
         (the pool hands them out in order, so a lone sequence usually has them) are not copied at all."""
-        first, n = int(block_ids.flatten()[0]), block_ids.numel()
-        if int(block_ids.flatten()[-1]) - first == n - 1 and (n == 1 or bool((block_ids.flatten().diff() == 1).all())):
-            shape = (*block_ids.shape, *self.k[layer].shape[1:])
-            return self.k[layer][first : first + n].view(shape), self.v[layer][first : first + n].view(shape)
-        return self.k[layer][block_ids], self.v[layer][block_ids]
+        return take_blocks(self.k[layer], block_ids), take_blocks(self.v[layer], block_ids)
 
     def register_side_table(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> SideTable:
         """Create (or return the existing) side table `name` with `shape` per (layer, block)."""

@@ -98,6 +98,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
                            "echo")
+        await serving.ready_backend(req)
         job = serving.prepare(req, ids, "prompt")
         echo = [llm.tokenizer.decode(p) for p in ids] if req.echo else None
         fmt = CompletionFormat(job, llm.tokenizer, f"cmpl-{uuid.uuid4().hex}", echo)
@@ -108,6 +109,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         arrival = time.monotonic()
         text = serving.chat_text(req.messages, req.add_generation_prompt, req.continue_final_message)
         ids = await serving.tokenize(text, add_special_tokens=False)  # the template has its own special tokens
+        await serving.ready_backend(req)
         job = serving.prepare(req, [ids], "messages")
         last = req.messages[-1]
         echo = [last.text()] if req.echo and last.role == "assistant" else None

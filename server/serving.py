@@ -121,6 +121,16 @@ class Serving:
         ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)
         return Job(served, backend, sampling, req.n, prompt_ids, seqs, ticket)
 
+    async def ready_backend(self, req: OpenAIRequest) -> None:
+        """Make the request's backend ready off the event loop when that is slow: a calibration artifact made
+        on first use takes seconds to minutes, and other requests must not wait on it."""
+        backend, params = self._backend(self.resolve(req.model), req.attention_backend, req.attention_params)
+        if not self.llm.backend_ready(backend, params):
+            try:
+                await run_in_threadpool(self.llm.prepare_backend, backend, params)
+            except BackendError as e:
+                raise APIError(400, str(e), "attention_params") from e
+
     def _backend(self, served: ServedModel, name: str | None, params: dict | None) -> tuple[str, BaseModel]:
         if name is None and params is None:
             return served.attention_backend, served.attention_params

@@ -6,12 +6,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import openai
 import torch
 
 from attention_backends.base import AttentionBackend
 from attention_backends.context import BackendBatch, Phase, SeqStep
 from attention_backends.kernels.paged import context_slots
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from server.config import read_config_file, served_models_from
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -71,3 +78,41 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     rep = q.shape[0] // k.shape[0]
     kk, vv = (t.repeat_interleave(rep, 0) for t in (k, v))
     return ((q @ kk.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+
+
+def greedy_with_logprobs(engine, prompts: list[list[int]], **backend) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's 12 greedy tokens and their logprobs, all prompts in the same steps."""
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, sp, **backend) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
+    return [got[i] for i in ids]
+
+
+def assert_same_as_dense(dense, other) -> None:
+    for (dt, dl), (ot, ol) in zip(dense, other, strict=True):
+        assert ot == dt
+        assert max(abs(a - b) for a, b in zip(dl, ol)) < 1e-5
+
+
+def serve_default_recipes(start_server):
+    """A server over every recipe of configs/default.yaml, an `openai` client, and the recipes."""
+    recipes = read_config_file(ROOT / "configs/default.yaml")["served_models"]
+    server = start_server(served_models=served_models_from(recipes, "unused", EngineConfig()))
+    return server, openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0), recipes
+
+
+def assert_recipe_served(server, client, recipes, name: str, prompt: str) -> None:
+    """The recipe answers by its model name exactly as the base model does with its backend in extra_body."""
+    recipe = next(r for r in recipes if r["name"] == name)
+    assert name in {m.id for m in client.models.list().data}
+    before = server.metric("longserve:requests_total", attention_backend=recipe["attention_backend"])
+    by_name = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"attention_backend": recipe["attention_backend"],
+                                                    "attention_params": recipe["attention_params"]})
+    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
+    assert server.metric("longserve:requests_total", attention_backend=recipe["attention_backend"]) == before + 2

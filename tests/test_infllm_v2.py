@@ -3,12 +3,18 @@ selected-block mask from the raw keys, reduction to dense, side tables freed wit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openai
 import pytest
 import torch
-from backend_harness import SynthSeq, masked_attention, run_steps
+from backend_harness import (
+    SynthSeq,
+    assert_recipe_served,
+    assert_same_as_dense,
+    greedy_with_logprobs,
+    masked_attention,
+    run_steps,
+    serve_default_recipes,
+)
 from conftest import natural_text
 
 from attention_backends.context import AttentionSpec
@@ -16,10 +22,8 @@ from attention_backends.infllm_v2 import MEANS_TABLE, InfLLMV2Backend
 from attention_backends.kernels import block_sparse
 from attention_backends.kernels.block_sparse import sparse_prefill
 from attention_backends.registry import BackendError, validate_params
-from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
-from server.config import read_config_file, served_models_from
 
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
 SMALL = dict(block_size=32, kernel_size=32, kernel_stride=16, topk=3, init_blocks=1, local_blocks=1)
@@ -134,17 +138,6 @@ def test_params_validation(loaded):
         backend.check(validate_params("infllm_v2", dict(kernel_size=24, kernel_stride=8, block_size=48)))
 
 
-def _greedy_with_logprobs(engine, prompts, **backend):
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, **backend) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.new_token_ids)
-            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
-    return [got[i] for i in ids]
-
-
 @pytest.fixture(scope="module")
 def prompts(loaded):
     return [loaded.tokenizer.encode(natural_text(n, 11 + n)) for n in (4, 30, 45)]
@@ -157,11 +150,8 @@ def test_reduces_to_dense(make_engine, prompts, params):
     if params["dense_len"] < 0:
         assert 16 * 64 < max(len(p) for p in prompts) < max(len(p) for p in prompts) + 12 <= 17 * 64
     engine = make_engine(max_num_batched_tokens=256)
-    dense = _greedy_with_logprobs(engine, prompts)
-    sparse = _greedy_with_logprobs(engine, prompts, attention_backend="infllm_v2", attention_params=params)
-    for (dt, dl), (st, sl) in zip(dense, sparse):
-        assert st == dt
-        assert max(abs(a - b) for a, b in zip(dl, sl)) < 1e-5
+    assert_same_as_dense(greedy_with_logprobs(engine, prompts),
+                         greedy_with_logprobs(engine, prompts, attention_backend="infllm_v2", attention_params=params))
 
 
 def test_side_tables_freed_with_their_blocks(make_engine, prompts):
@@ -180,18 +170,8 @@ def test_side_tables_freed_with_their_blocks(make_engine, prompts):
 
 
 def test_served_by_name_and_by_extra_body(start_server):
-    recipes = read_config_file(Path(__file__).resolve().parents[1] / "configs/default.yaml")["served_models"]
-    server = start_server(served_models=served_models_from(recipes, "unused", EngineConfig()))
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-    assert "smollm2-135m:infllm-v2" in {m.id for m in client.models.list().data}
-    prompt = natural_text(120, 5)
-    recipe = next(r for r in recipes if r["name"] == "smollm2-135m:infllm-v2")
-    by_name = client.completions.create(model="smollm2-135m:infllm-v2", prompt=prompt, max_tokens=8, temperature=0)
-    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
-                                        extra_body={"attention_backend": "infllm_v2",
-                                                    "attention_params": recipe["attention_params"]})
-    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
-    assert server.metric("longserve:requests_total", attention_backend="infllm_v2") == 2
+    server, client, recipes = serve_default_recipes(start_server)
+    assert_recipe_served(server, client, recipes, "smollm2-135m:infllm-v2", natural_text(120, 5))
     with pytest.raises(openai.BadRequestError, match="kernel_stride"):
         client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={
             "attention_backend": "infllm_v2", "attention_params": {"kernel_size": 40}})

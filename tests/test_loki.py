@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import openai
 import pytest
 import torch
-from backend_harness import SynthSeq, masked_attention, run_steps
+from backend_harness import (
+    ROOT,
+    SynthSeq,
+    assert_recipe_served,
+    assert_same_as_dense,
+    greedy_with_logprobs,
+    masked_attention,
+    run_steps,
+    serve_default_recipes,
+)
 from conftest import natural_text
 from safetensors.torch import load_file
 
@@ -18,13 +25,9 @@ from attention_backends.context import AttentionSpec
 from attention_backends.loki import LokiBackend, PCACalibrator
 from attention_backends.registry import BackendError, validate_params
 from engine import calibration
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
-from server.config import read_config_file, served_models_from
 
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -111,28 +114,15 @@ def test_params_validation():
             validate_params("loki", bad)
 
 
-def _greedy_with_logprobs(engine, prompts, **backend):
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, **backend) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.new_token_ids)
-            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
-    return [got[i] for i in ids]
-
-
 def test_every_channel_and_every_token_reduces_to_dense(make_engine, loaded):
     """Calibrates on first use (the bundled text, into the empty cache), then must equal dense."""
     prompts = [loaded.tokenizer.encode(natural_text(n, 21 + n)) for n in (3, 30)]
     engine = make_engine(max_num_batched_tokens=256)
-    dense = _greedy_with_logprobs(engine, prompts)
+    dense = greedy_with_logprobs(engine, prompts)
     # Row-wise top-k prefill over every token gathers each row's whole context: the short prompt only.
     for params, n in ((dict(k_frac=1.0, d_frac=1.0), 2), (dict(k_frac=1.0, d_frac=1.0, prefill="topk"), 1)):
-        loki = _greedy_with_logprobs(engine, prompts[:n], attention_backend="loki", attention_params=params)
-        for (dt, dl), (lt, ll) in zip(dense, loki):
-            assert lt == dt
-            assert max(abs(a - b) for a, b in zip(dl, ll)) < 1e-5
+        assert_same_as_dense(dense[:n], greedy_with_logprobs(engine, prompts[:n], attention_backend="loki",
+                                                             attention_params=params))
     path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}))
     assert path.exists()
 
@@ -170,15 +160,5 @@ def test_calibrate_command_writes_the_artifact(tmp_path):
 
 
 def test_served_by_name_and_by_extra_body(start_server):
-    recipes = read_config_file(ROOT / "configs/default.yaml")["served_models"]
-    server = start_server(served_models=served_models_from(recipes, "unused", EngineConfig()))
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-    assert "smollm2-135m:loki" in {m.id for m in client.models.list().data}
-    recipe = next(r for r in recipes if r["name"] == "smollm2-135m:loki")
-    prompt = natural_text(60, 8)
-    by_name = client.completions.create(model="smollm2-135m:loki", prompt=prompt, max_tokens=8, temperature=0)
-    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
-                                        extra_body={"attention_backend": "loki",
-                                                    "attention_params": recipe["attention_params"]})
-    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
-    assert server.metric("longserve:requests_total", attention_backend="loki") == 2
+    server, client, recipes = serve_default_recipes(start_server)
+    assert_recipe_served(server, client, recipes, "smollm2-135m:loki", natural_text(60, 8))

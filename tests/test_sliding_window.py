@@ -4,12 +4,19 @@ and the engine paths (chunked prefill, mixed steps, prefix cache, preemption).""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import openai
 import pytest
 import torch
-from backend_harness import SynthSeq, masked_attention, run_steps
+from backend_harness import (
+    SynthSeq,
+    assert_recipe_served,
+    assert_same_as_dense,
+    greedy_with_logprobs,
+    masked_attention,
+    run_steps,
+    serve_default_recipes,
+)
 from conftest import natural_text
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -21,7 +28,6 @@ from engine.llm_engine import LLMEngine
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
-from server.config import read_config_file, served_models_from
 
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
 
@@ -90,17 +96,6 @@ def test_params_validation():
     assert sorted(validate_params("sliding_window", dict(full_attention_layers="even")).full_layers(5)) == [0, 2, 4]
 
 
-def _greedy_with_logprobs(engine, prompts, **backend):
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, **backend) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.new_token_ids)
-            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
-    return [got[i] for i in ids]
-
-
 @pytest.fixture(scope="module")
 def prompts(loaded):
     return [loaded.tokenizer.encode(natural_text(n, 7 + n)) for n in (3, 25, 50)]
@@ -111,11 +106,8 @@ def prompts(loaded):
                          ids=["window>=length", "all-layers-full"])
 def test_reduces_to_dense(make_engine, prompts, params):
     engine = make_engine(max_num_batched_tokens=256)  # chunked prefill on the longer prompts
-    dense = _greedy_with_logprobs(engine, prompts)
-    swaa = _greedy_with_logprobs(engine, prompts, attention_backend="sliding_window", attention_params=params)
-    for (dt, dl), (st, sl) in zip(dense, swaa):
-        assert st == dt
-        assert max(abs(a - b) for a, b in zip(dl, sl)) < 1e-5
+    assert_same_as_dense(greedy_with_logprobs(engine, prompts), greedy_with_logprobs(
+        engine, prompts, attention_backend="sliding_window", attention_params=params))
 
 
 def test_mixed_steps_and_prefix_cache(make_engine, prompts):
@@ -174,20 +166,9 @@ def test_release_kv_bounds_the_blocks_a_sequence_holds(tmp_path, loaded):
 
 
 def test_served_by_name_and_by_extra_body(start_server):
-    recipes = read_config_file(Path(__file__).resolve().parents[1] / "configs/default.yaml")["served_models"]
-    served = served_models_from(recipes, "unused", EngineConfig())
-    server = start_server(served_models=served)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-    names = {m.id for m in client.models.list().data}
-    assert {"smollm2-135m:swaa", "smollm2-135m:swaa-aggressive", "smollm2-135m:swaa-bounded"} <= names
-    prompt = natural_text(60, 3)
-    by_name = client.completions.create(model="smollm2-135m:swaa-bounded", prompt=prompt, max_tokens=8,
-                                        temperature=0)
-    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
-                                        extra_body={"attention_backend": "sliding_window", "attention_params": {
-                                            "window": 1024, "sinks": 64, "prefill_only": False, "release_kv": True}})
-    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
-    assert server.metric("longserve:requests_total", attention_backend="sliding_window") == 2
+    server, client, recipes = serve_default_recipes(start_server)
+    assert {"smollm2-135m:swaa", "smollm2-135m:swaa-aggressive"} <= {m.id for m in client.models.list().data}
+    assert_recipe_served(server, client, recipes, "smollm2-135m:swaa-bounded", natural_text(60, 3))
     for bad, says in (({"release_kv": True}, "release_kv"), ({"full_attention_layers": [3, 30]}, "past the model")):
         with pytest.raises(openai.BadRequestError, match=says):
             client.completions.create(model="smollm2-135m", prompt="x", max_tokens=1, extra_body={

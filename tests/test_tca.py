@@ -4,12 +4,18 @@ from the raw q/k, frontier, full mask), per-head budgets, reduction to dense, ev
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import openai
 import pytest
 import torch
-from backend_harness import SynthSeq, masked_attention, run_steps
+from backend_harness import (
+    SynthSeq,
+    assert_recipe_served,
+    assert_same_as_dense,
+    greedy_with_logprobs,
+    masked_attention,
+    run_steps,
+    serve_default_recipes,
+)
 from conftest import natural_text
 
 from attention_backends.context import AttentionSpec
@@ -17,13 +23,10 @@ from attention_backends.registry import BackendError, validate_params
 from attention_backends.tca import KEEP_TABLE, TCABackend
 from attention_backends.tca_calibration import TCACalibrator, candidates
 from engine import calibration
-from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
-from server.config import read_config_file, served_models_from
 
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
-ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = torch.tensor([0.5, 0.35, 0.25, 0.15])  # redundancy above 0.5: keep 1 token; below 0.15: all 16
 
 
@@ -112,17 +115,6 @@ def test_params_validation():
             validate_params("tca", bad)
 
 
-def _greedy_with_logprobs(engine, prompts, **backend):
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, **backend) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.new_token_ids)
-            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
-    return [got[i] for i in ids]
-
-
 def test_every_budget_all_tokens_reduces_to_dense(make_engine, loaded, tmp_path):
     params = validate_params("tca", dict(local_blocks=1))
     path = tmp_path / "keep-all.safetensors"
@@ -130,12 +122,8 @@ def test_every_budget_all_tokens_reduces_to_dense(make_engine, loaded, tmp_path)
                               params, "", 0)
     prompts = [loaded.tokenizer.encode(natural_text(n, 31 + n)) for n in (3, 30)]
     engine = make_engine(max_num_batched_tokens=256)
-    dense = _greedy_with_logprobs(engine, prompts)
-    tca = _greedy_with_logprobs(engine, prompts, attention_backend="tca",
-                                attention_params=dict(local_blocks=1, calibration=str(path)))
-    for (dt, dl), (tt, tl) in zip(dense, tca):
-        assert tt == dt
-        assert max(abs(a - b) for a, b in zip(dl, tl)) < 1e-5
+    assert_same_as_dense(greedy_with_logprobs(engine, prompts), greedy_with_logprobs(
+        engine, prompts, attention_backend="tca", attention_params=dict(local_blocks=1, calibration=str(path))))
 
 
 def test_evicts_kv_and_the_pool_ends_all_free(make_engine, loaded, tmp_path):
@@ -168,15 +156,5 @@ def test_artifact_for_other_params_is_refused(make_engine, loaded, tmp_path):
 
 
 def test_served_by_name_and_by_extra_body(start_server):
-    recipes = read_config_file(ROOT / "configs/default.yaml")["served_models"]
-    server = start_server(served_models=served_models_from(recipes, "unused", EngineConfig()))
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-    assert "smollm2-135m:tca" in {m.id for m in client.models.list().data}
-    recipe = next(r for r in recipes if r["name"] == "smollm2-135m:tca")
-    prompt = natural_text(60, 9)
-    by_name = client.completions.create(model="smollm2-135m:tca", prompt=prompt, max_tokens=8, temperature=0)
-    by_body = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8, temperature=0,
-                                        extra_body={"attention_backend": "tca",
-                                                    "attention_params": recipe["attention_params"]})
-    assert by_name.choices[0].text == by_body.choices[0].text and by_name.usage.completion_tokens == 8
-    assert server.metric("longserve:requests_total", attention_backend="tca") == 2
+    server, client, recipes = serve_default_recipes(start_server)
+    assert_recipe_served(server, client, recipes, "smollm2-135m:tca", natural_text(60, 9))
