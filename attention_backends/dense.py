@@ -32,10 +32,13 @@ class DenseBackend(AttentionBackend):
     capabilities = Capabilities(exact=True)
 
     def prepare(self, batch: BackendBatch) -> None:
+        self.split_phases(batch)
+        batch.meta["decode"] = self.decode_rows(batch.meta["decodes"])
+
+    @staticmethod
+    def split_phases(batch: BackendBatch) -> None:
         batch.meta["prefill"] = [s for s in batch.seqs if s.phase is Phase.PREFILL]
-        decodes = [s for s in batch.seqs if s.phase is Phase.DECODE]
-        batch.meta["decodes"] = decodes
-        batch.meta["decode"] = self.decode_rows(decodes)
+        batch.meta["decodes"] = [s for s in batch.seqs if s.phase is Phase.DECODE]
 
     def decode_rows(self, decodes: list[SeqStep]) -> DecodeRows | None:
         if not decodes:

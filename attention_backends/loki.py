@@ -92,7 +92,7 @@ class LokiBackend(CalibratedBackend, DenseBackend):
                                            self.kv.spec.dtype)
 
     def prepare(self, batch: BackendBatch) -> None:
-        super().prepare(batch)
+        self.split_phases(batch)  # decodes take Loki's own path: no dense decode tables
         by_artifact: dict[str, list[SeqStep]] = {}
         for s in batch.seqs:
             by_artifact.setdefault(self.artifact_key(s.params), []).append(s)
