@@ -1,6 +1,6 @@
 """Attention backends: the contract, the registry and the built-in backends."""
 
-from attention_backends import dense, infllm_v2, loki, sliding_window, tca  # noqa: F401  (register the built-in backends)
+from attention_backends import dense, infllm_v2, loki, sliding_window, star, tca  # noqa: F401  (register the built-in backends)
 from attention_backends.base import AttentionBackend, Capabilities, NoParams
 from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep, StepContext
 from attention_backends.registry import (

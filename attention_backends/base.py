@@ -40,6 +40,11 @@ class AttentionBackend:
     def check(self, params: BaseModel) -> None:
         """Raise ValueError for params that do not fit this model (e.g. a layer index past its last layer)."""
 
+    def select_rows(self, step: SeqStep) -> torch.Tensor | None:
+        """Positions of the scheduled chunk `[num_cached, num_cached + query_len)` that this rank runs, sorted
+        (a backend that shards a sequence over ranks may add others, e.g. a prefix it needs); None: the chunk."""
+        return None
+
     def prepare(self, batch: BackendBatch) -> None:
         """Once per step, before the first layer: build what every layer shares into `batch.meta`."""
 

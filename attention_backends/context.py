@@ -51,6 +51,9 @@ class SeqStep:
     block_table: torch.Tensor  # int64 block ids
     params: BaseModel
     state: dict[str, Any]  # the backend's per-sequence state, kept across steps
+    # The positions this rank runs when the backend selected rows (`select_rows`); None: all of
+    # `[num_cached, num_cached + query_len)`.
+    positions: torch.Tensor | None = None
 
     @property
     def context_len(self) -> int:

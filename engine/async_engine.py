@@ -128,11 +128,11 @@ class AsyncEngine:
                 running = [s.request_id for s in engine.scheduler.running]
                 for rid in running:
                     engine.abort(rid)
-                    self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}"))
+                    self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}", exc))
                 outputs = []
             while engine.step_errors:
                 rid, exc = engine.step_errors.popitem()
-                self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}"))
+                self._post(rid, EngineStepError(f"request {rid} failed inside the engine: {exc}", exc))
             self.stats = self._snapshot()
             for out in outputs:
                 self._post(out.request_id, out)

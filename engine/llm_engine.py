@@ -7,7 +7,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
@@ -17,6 +17,7 @@ from attention_backends.base import AttentionBackend
 from attention_backends.calibrated import CalibratedBackend
 from attention_backends.context import AttentionSpec
 from attention_backends.registry import BackendError, validate_params
+from attention_backends.star import StarBackend, StarUnavailable
 from engine import calibration
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -30,11 +31,23 @@ from kv_cache.block_pool import BlockPool, PoolUsage
 from kv_cache.manager import KVCacheManager
 from kv_cache.paged_kv import KVSpec, PagedKVCache
 
+if TYPE_CHECKING:
+    from engine.star_group import StarGroup
+
 logger = logging.getLogger(__name__)
 
 
 class EngineStepError(RuntimeError):
     """The engine failed while running a step that held this request."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+    @property
+    def unavailable(self) -> bool:
+        """The request needed something the server has lost (a Star Attention rank): a 503, not a 500."""
+        return isinstance(self.cause, StarUnavailable)
 
 
 class ContextLengthError(ValueError):
@@ -70,7 +83,8 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
+                 star_group: StarGroup | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.loaded = loaded or load_model(config.model, config.device, dtype=config.dtype)
         hf = self.loaded.config
@@ -96,6 +110,11 @@ class LLMEngine:
         spec = AttentionSpec(hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, head_dim,
                              self.max_model_len, config.block_size, layer_windows(hf))
         self.runner = ModelRunner(self.loaded.model, self.kv, spec)
+        self.star = star_group  # the ranks `star` requests shard their context over; None: this process alone
+        if star_group is not None:
+            star = self.runner.backend(StarBackend.name)
+            assert isinstance(star, StarBackend)
+            star.attach(star_group)
         eos = self.loaded.model.generation_config.eos_token_id or hf.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.sampler = Sampler(self.eos_token_ids, config.seed)
@@ -182,6 +201,8 @@ class LLMEngine:
             return False
         seq.status = SequenceStatus.FINISHED_ABORTED
         self.scheduler.remove(seq)
+        if self.star is not None:
+            self.star.release_finished(self.requests)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -199,8 +220,12 @@ class LLMEngine:
         block_tables = {seq.request_id: self.kv_manager.block_table(seq.request_id) for seq, _ in sched.scheduled}
         scheduled = sched.scheduled
         try:
+            if self.star is not None:
+                self.star.dispatch(scheduled, self.requests)
             results = [self.runner.run(scheduled, block_tables)]
-        except Exception:
+        except Exception as exc:
+            if self.star is not None:
+                self.star.step_failed(exc)
             scheduled, results = self._isolate_failures(scheduled, block_tables)
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         logits = results[0].logits if len(results) == 1 else torch.cat([r.logits for r in results]) if results else None
@@ -211,13 +236,19 @@ class LLMEngine:
                 self.kv_manager.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens,
                                                   seq.cache_salt)
         outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
+        self.release_blocks(results)
+        if self.star is not None:
+            self.star.release_finished(self.requests)
+        return outputs
+
+    def release_blocks(self, results: list[StepResult]) -> None:
+        """After a step: give back the blocks each backend says its sequences will never read again."""
         for seq, step in (step for r in results for step in r.steps):
             if not seq.is_finished:
                 step.num_cached += step.query_len  # the step's KV is in the cache now
                 release = self.runner.backends[seq.backend].blocks_to_release(step)
                 if release:
                     self.kv_manager.release(seq.request_id, release)
-        return outputs
 
     def _isolate_failures(self, scheduled: list[tuple[Sequence, int]], block_tables: dict[str, list[int]]
                           ) -> tuple[list[tuple[Sequence, int]], list[StepResult]]:
@@ -277,5 +308,5 @@ class LLMEngine:
                     for i in ids:
                         self.abort(i)
                     exc = self.step_errors.pop(failed)
-                    raise EngineStepError(f"request {failed} failed inside the engine: {exc}") from exc
+                    raise EngineStepError(f"request {failed} failed inside the engine: {exc}", exc) from exc
         return [final[i] for i in ids]

@@ -15,7 +15,7 @@ import torch
 from attention_backends.base import AttentionBackend
 from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep, StepContext
 from attention_backends.hf_attention import step_context
-from attention_backends.kernels.paged import context_slots
+from attention_backends.kernels.paged import position_slots
 from attention_backends.registry import get_backend_class
 from engine.sequence import Sequence
 from kv_cache.paged_kv import PagedKVCache
@@ -51,18 +51,28 @@ class ModelRunner:
         steps = []
         for seq, n in scheduled:
             start, c = len(input_ids), seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[c : c + n])
-            positions.append(torch.arange(c, c + n))
             table = torch.tensor(block_tables[seq.request_id], dtype=torch.long)
-            group = groups.setdefault(seq.backend, [])
-            local_start = sum(s.query_len for s, _, _ in group)
             phase = Phase.DECODE if seq.is_decode(n) else Phase.PREFILL
-            step = SeqStep(seq.request_id, phase, local_start, n, c, seq.num_prompt_tokens, table, seq.backend_params,
+            step = SeqStep(seq.request_id, phase, 0, n, c, seq.num_prompt_tokens, table, seq.backend_params,
                            seq.backend_state)
-            group.append((step, context_slots(table, c, c + n, bs), start))
+            pos = self.backend(seq.backend).select_rows(step)
+            if pos is None:
+                pos = torch.arange(c, c + n)
+                input_ids.extend(seq.token_ids[c : c + n])
+            elif len(pos):
+                step.positions, step.query_len = pos, len(pos)
+                input_ids.extend(seq.token_ids[p] for p in pos.tolist())
+            else:  # another rank runs all of this chunk
+                continue
+            positions.append(pos)
+            group = groups.setdefault(seq.backend, [])
+            step.query_start = sum(s.query_len for s, _, _ in group)
+            group.append((step, position_slots(table, pos, bs), start))
             steps.append((seq, step))
             if c + n == seq.num_tokens:
                 logits_index.append(len(input_ids) - 1)
+        if not input_ids:
+            return StepResult(torch.empty(0, self.model.config.vocab_size), StepContext(self.kv, {}, {}), steps)
 
         batches = {}
         for name, group in groups.items():

@@ -72,6 +72,18 @@ class KVCacheManager:
             self._tables.setdefault(request_id, []).extend(self.pool.allocate(need))
         return True
 
+    def allocate_at(self, request_id: str, num_tokens: int, block_indices: Sequence[int]) -> bool:
+        """Grow the table to cover `num_tokens` tokens with null blocks, then back the given entries with real
+        blocks (a rank that holds only some of a sequence's positions); False (nothing taken) when short."""
+        table = self._tables.setdefault(request_id, [])
+        table.extend([self.pool.blocks[NULL_BLOCK_ID]] * max(0, -(-num_tokens // self.block_size) - len(table)))
+        missing = sorted({i for i in block_indices if table[i].block_id == NULL_BLOCK_ID})
+        if len(missing) > self.pool.num_free:
+            return False
+        for i, block in zip(missing, self.pool.allocate(len(missing))):
+            table[i] = block
+        return True
+
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int,
                           salt: bytes | None = None) -> None:
         """Publish every full, computed block of the request to the prefix cache."""

@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from attention_backends.star import StarUnavailable
 from engine.async_engine import AsyncEngine, EngineStepError
 from engine.model_loader import EMBEDDED_NAME
 from server.admission import Admission
@@ -50,7 +51,19 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if admission.draining else 200)
+        """503 while draining. A lost Star Attention rank leaves the server up for every other backend: 200,
+        with the degraded part named in the body."""
+        if admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        body: dict[str, Any] = {"status": "ok"}
+        if llm.star is not None:
+            try:
+                llm.star.check()
+                body["star"] = {"status": "ok", "world_size": llm.star.world_size}
+            except StarUnavailable as e:
+                body = {"status": "degraded", "star": {"status": "unavailable", "world_size": llm.star.world_size,
+                                                       "reason": str(e)}}
+        return JSONResponse(body)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -110,7 +123,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         text = serving.chat_text(req.messages, req.add_generation_prompt, req.continue_final_message)
         ids = await serving.tokenize(text, add_special_tokens=False)  # the template has its own special tokens
         await serving.ready_backend(req)
-        job = serving.prepare(req, [ids], "messages")
+        job = serving.prepare(req, [ids], "messages", await serving.chat_query_tokens(req, req.messages, ids))
         last = req.messages[-1]
         echo = [last.text()] if req.echo and last.role == "assistant" else None
         fmt = ChatFormat(job, llm.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", echo)
@@ -125,7 +138,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         try:
             await until_disconnect(request, collect(job, fmt, arrival))
         except EngineStepError as e:
-            raise APIError(500, str(e)) from e
+            raise APIError(503 if e.unavailable else 500, str(e)) from e
         except ClientGone:
             return Response(status_code=499)
         return JSONResponse(fmt.response())
@@ -152,7 +165,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             if include_usage:
                 yield f"data: {json.dumps({**fmt.envelope(fmt.object_chunk, []), 'usage': fmt.usage()})}\n\n"
         except EngineStepError as e:
-            yield APIError(500, str(e)).sse()
+            yield APIError(503 if e.unavailable else 500, str(e)).sse()
         yield "data: [DONE]\n\n"
 
     app.add_middleware(Guard, api_keys=config.api_keys, max_body_bytes=config.body_limit(llm.max_model_len))

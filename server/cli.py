@@ -56,6 +56,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds to drain in-flight requests after SIGTERM")
     g.add_argument("--uvicorn-log-level", default="info")
+    g = parser.add_argument_group("star attention across ranks")
+    g.add_argument("--star-world-size", type=int, default=d.star_world_size,
+                   help="ranks that `star` requests shard their context over; N > 1 starts N - 1 worker processes "
+                        "here, each pinned to its share of the cores (under torchrun: the ranks torchrun starts)")
+    g.add_argument("--star-timeout", type=float, default=d.star_timeout,
+                   help="seconds a rank may keep the others waiting in a step before star requests fail with 503")
+    g.add_argument("--star-port", type=int, default=d.star_port,
+                   help="rank 0's rendezvous port on MASTER_ADDR when started under torchrun")
 
 
 def server_config_from_args(args: argparse.Namespace, served_models: list[dict] | None) -> ServerConfig:
@@ -66,7 +74,8 @@ def server_config_from_args(args: argparse.Namespace, served_models: list[dict] 
         port=args.port, api_keys=api_keys_from(args.api_key), allowed_origins=args.allowed_origins,
         max_num_queued_tokens=args.max_num_queued_tokens, max_n_sequences=args.max_n_sequences,
         max_logprobs=args.max_logprobs, max_request_body_bytes=args.max_request_body_bytes,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=args.shutdown_timeout, star_world_size=args.star_world_size,
+        star_timeout=args.star_timeout, star_port=args.star_port,
     )
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from attention_backends.registry import BackendError, validate_params
+from attention_backends.star import StarBackend, StarUnavailable
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import ContextLengthError, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -84,7 +85,24 @@ class Serving:
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
 
-    def prepare(self, req: OpenAIRequest, prompt_ids: list[list[int]], param: str) -> Job:
+    async def chat_query_tokens(self, req: OpenAIRequest, messages: list[ChatMessage], ids: list[int]
+                                ) -> int | None:
+        """Star Attention's query for a chat: the tokens from the last user turn on (everything before it is the
+        context). None when the request is not `star`, names its own `query_tokens`, or the template renders
+        the earlier turns differently inside the whole chat (then the param's default applies)."""
+        backend, params = self._backend(self.resolve(req.model), req.attention_backend, req.attention_params)
+        if backend != StarBackend.name or "query_tokens" in params.model_fields_set:
+            return None
+        last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+        if last is None:
+            return None
+        if last == 0:
+            return len(ids)
+        prefix = await self.tokenize(self.chat_text(messages[:last], add_generation_prompt=False), False)
+        return max(1, len(ids) - len(prefix)) if ids[: len(prefix)] == prefix else None
+
+    def prepare(self, req: OpenAIRequest, prompt_ids: list[list[int]], param: str, query_tokens: int | None = None
+                ) -> Job:
         served = self.resolve(req.model)
         if not prompt_ids or any(not p for p in prompt_ids):
             raise APIError(400, "the prompt is empty", param)
@@ -103,6 +121,8 @@ class Serving:
         if (sampling.logprobs or 0) > self.config.max_logprobs:
             raise APIError(400, f"at most {self.config.max_logprobs} logprobs per token", "logprobs")
         backend, params = self._backend(served, req.attention_backend, req.attention_params)
+        if query_tokens is not None:
+            params = params.model_copy(update={"query_tokens": query_tokens})
         rid = uuid.uuid4().hex
         seqs = []
         for p, ids in enumerate(prompt_ids):
@@ -116,6 +136,8 @@ class Serving:
                     raise APIError(400, str(e), param, "context_length_exceeded") from e
                 except BackendError as e:
                     raise APIError(400, str(e), "attention_params") from e
+                except StarUnavailable as e:
+                    raise APIError(503, str(e)) from e
                 except ValueError as e:
                     raise APIError(400, str(e), param) from e
         ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)

@@ -14,7 +14,11 @@ from kv_cache.paged_kv import PagedKVCache
 
 def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
     """Cache slots of positions `[start, end)` of a sequence."""
-    pos = torch.arange(start, end)
+    return position_slots(block_table, torch.arange(start, end), block_size)
+
+
+def position_slots(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of a sequence's positions `pos`."""
     return block_table[pos // block_size] * block_size + pos % block_size
 
 
