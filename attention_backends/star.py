@@ -260,10 +260,17 @@ class StarBackend(DenseBackend):
             row += n
 
     def blocks_to_release(self, seq: SeqStep) -> list[int]:
-        """A worker drops the anchor it encoded once the whole context is encoded."""
+        """Sharded: rank 0 gives back the table entries of other ranks' context blocks (it never writes them); a
+        worker drops the anchor it encoded once the whole context is encoded."""
         lay = self.layout(seq.params, seq.prompt_len)
-        if (not lay.sharded or self.rank == QUERY_RANK or not seq.state.get("anchor_done")
-                or seq.state.get("anchor_dropped") or seq.state["end"] < lay.context_len):
+        if not lay.sharded:
+            return []
+        bs, end = self.spec.block_size, seq.state["end"]
+        if self.rank == QUERY_RANK:
+            done = seq.state.get("released", 0)
+            seq.state["released"] = last = min(end, lay.context_len) // bs
+            return [j for j in range(done, last) if (j * bs // lay.block) % lay.world != QUERY_RANK]
+        if not seq.state.get("anchor_done") or seq.state.get("anchor_dropped") or end < lay.context_len:
             return []
         seq.state["anchor_dropped"] = True
-        return list(range(lay.anchor // self.spec.block_size))
+        return list(range(lay.anchor // bs))

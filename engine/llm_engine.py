@@ -115,6 +115,7 @@ class LLMEngine:
             star = self.runner.backend(StarBackend.name)
             assert isinstance(star, StarBackend)
             star.attach(star_group)
+            star_group.pool_blocks = num_blocks
         eos = self.loaded.model.generation_config.eos_token_id or hf.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.sampler = Sampler(self.eos_token_ids, config.seed)
@@ -221,7 +222,12 @@ class LLMEngine:
         scheduled = sched.scheduled
         try:
             if self.star is not None:
-                self.star.dispatch(scheduled, self.requests)
+                later, never = self.star.dispatch(scheduled, self.requests, self.kv_manager.block_size)
+                for seq in later:  # a worker's pool is full: run it again once blocks free up
+                    self.scheduler.preempt(seq)
+                for seq, exc in never:
+                    self._fail(seq, exc)
+                scheduled = [(s, n) for s, n in scheduled if s not in later and s.request_id in self.requests]
             results = [self.runner.run(scheduled, block_tables)]
         except Exception as exc:
             if self.star is not None:
@@ -262,11 +268,15 @@ class LLMEngine:
                 kept.append((seq, n))
             except Exception as exc:
                 logger.exception("request %s failed inside the engine", seq.request_id)
-                self.step_errors[seq.request_id] = exc
-                seq.status = SequenceStatus.FINISHED_ERROR
-                self.requests.pop(seq.request_id, None)
-                self.scheduler.remove(seq)
+                self._fail(seq, exc)
         return kept, results
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """Finish a request with status error; the caller takes `exc` from `step_errors`."""
+        self.step_errors[seq.request_id] = exc
+        seq.status = SequenceStatus.FINISHED_ERROR
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.remove(seq)
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
         sp = seq.sampling

@@ -62,7 +62,9 @@ class ModelRunner:
             elif len(pos):
                 step.positions, step.query_len = pos, len(pos)
                 input_ids.extend(seq.token_ids[p] for p in pos.tolist())
-            else:  # another rank runs all of this chunk
+            else:  # another rank runs all of this chunk; the step still counts for blocks_to_release
+                step.positions, step.query_len = pos, 0
+                steps.append((seq, step))
                 continue
             positions.append(pos)
             group = groups.setdefault(seq.backend, [])

@@ -53,7 +53,7 @@ class Scheduler:
             n = self._chunk(seq, seq.num_computed_tokens, budget, contended)
             while not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
                 victim = self.running.pop()
-                self._preempt(victim)
+                self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
@@ -93,7 +93,10 @@ class Scheduler:
     def _num_prefilling(self) -> int:
         return len(self.waiting) + sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens > 1)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first to be recomputed."""
+        if seq in self.running:
+            self.running.remove(seq)
         self.num_preemptions += 1
         self.kv.free(seq.request_id)
         seq.reset_for_recompute()

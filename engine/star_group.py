@@ -65,6 +65,12 @@ class StarGroup:
         self.workers = workers or []  # the worker processes this rank started
         self.failure: str | None = None
         self._sent: dict[str, tuple[int, int]] = {}  # rank 0: request id -> (tokens sent, its preemptions then)
+        # Rank 0 mirrors the workers' block tables (which entries each holds, per request), so it never sends a
+        # chunk a worker has no room for: the workers' pools are accounted exactly, without asking them.
+        self._held: dict[str, list[set[int]]] = {}
+        self._drops: list[tuple[list[set[int]], set[int]]] = []  # anchors the workers drop after this step
+        self.pool_blocks = 0  # this rank's KV pool (set by its engine)
+        self.capacity: list[int] = []  # usable blocks per rank, learnt in ready()
         self._dispatched = False
 
     @classmethod
@@ -102,9 +108,11 @@ class StarGroup:
     # -- every rank -------------------------------------------------------------------------------
 
     def ready(self) -> None:
-        """Wait until every rank has loaded its model."""
-        flag = torch.zeros(1)
-        self._plans.allgather([[torch.empty(1) for _ in range(self.world_size)]], [flag]).wait()
+        """Wait until every rank has loaded its model; learn each rank's KV pool size."""
+        flag = torch.tensor([self.pool_blocks])
+        sizes = [torch.empty(1, dtype=flag.dtype) for _ in range(self.world_size)]
+        self._plans.allgather([sizes], [flag]).wait()
+        self.capacity = [int(t) - 1 for t in sizes]  # the null block is never handed out
 
     def check(self) -> None:
         if self.failure is None:
@@ -144,26 +152,66 @@ class StarGroup:
 
     # -- rank 0 -----------------------------------------------------------------------------------
 
-    def dispatch(self, scheduled: list[tuple[Sequence, int]], requests: dict[str, Sequence]) -> None:
-        """Send the workers their part of the step about to run on rank 0. After a failure nothing is sent: the
-        star backend fails its sharded sequences, and the rest of the step runs."""
+    def dispatch(self, scheduled: list[tuple[Sequence, int]], requests: dict[str, Sequence], block_size: int
+                 ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """Send the workers their part of the step about to run on rank 0. Returns the sharded sequences left
+        out: those a worker has no room for now (to preempt) and those it never could (to fail). After a
+        failure nothing is sent: the star backend fails the sharded sequences and the rest of the step runs."""
         frees = self._stale(requests)
+        later: list[Sequence] = []
+        never: list[tuple[Sequence, Exception]] = []
         if self.failure is not None:
-            return
+            return later, never
         items = []
         for seq, n in scheduled:
             if seq.backend != StarBackend.name:
                 continue
-            if not StarLayout.of(seq.backend_params, seq.num_prompt_tokens, self.world_size).sharded:
+            lay = StarLayout.of(seq.backend_params, seq.num_prompt_tokens, self.world_size)
+            if not lay.sharded:
+                continue
+            short = self._reserve(seq, lay, n, block_size)
+            if short == "now":
+                later.append(seq)
+                continue
+            if short == "ever":
+                never.append((seq, MemoryError(f"request {seq.request_id}: its share of the context does not fit "
+                                               "a worker rank's KV pool")))
                 continue
             sent, _ = self._sent.get(seq.request_id, (0, 0))
             end = max(seq.num_computed_tokens + n, seq.num_prompt_tokens)  # the whole prompt on first sight
             items.append(StarItem(seq.request_id, seq.num_computed_tokens, n, seq.token_ids[sent:end],
                                   seq.num_prompt_tokens, seq.backend_params))
             self._sent[seq.request_id] = (end, seq.num_preemptions)
+        for held, anchor in self._drops:
+            for blocks in held[1:]:
+                blocks -= anchor
+        self._drops.clear()
         self._dispatched = bool(items)
         if items or frees:
             self._send(StarPlan(items, frees))
+        return later, never
+
+    def _reserve(self, seq: Sequence, lay: StarLayout, n: int, block_size: int) -> str | None:
+        """Book the blocks each worker allocates for this chunk (its rows, and the anchor when it starts), and
+        queue the anchor's drop once the context is done. Returns None when booked, else "now" (a
+        worker's pool is short while other requests hold it) or "ever" (short even with nothing else in it)."""
+        rid = seq.request_id
+        held = self._held.setdefault(rid, [set() for _ in range(self.world_size)])
+        start = seq.num_computed_tokens
+        new = []
+        for rank in range(1, self.world_size):
+            pos, writes = lay.rows(rank, start, start + n, anchor_done=bool(held[rank]))
+            new.append(set((pos[writes] // block_size).tolist()) - held[rank])
+            others = sum(len(h[rank]) for r, h in self._held.items() if r != rid)
+            if len(new[-1]) > self.capacity[rank] - others - len(held[rank]):
+                if rid not in self._sent:
+                    del self._held[rid]
+                return "now" if others else "ever"
+        for rank, blocks in enumerate(new, start=1):
+            held[rank] |= blocks
+        if start + n >= lay.context_len:  # after the step: a worker allocates every item's blocks, runs, then drops
+            self._drops.append((held, set(range(lay.anchor // block_size))))
+        return None
 
     def release_finished(self, requests: dict[str, Sequence]) -> None:
         """Tell the workers to drop requests that finished, were aborted or preempted since the last plan."""
@@ -194,6 +242,7 @@ class StarGroup:
                  if rid not in requests or requests[rid].num_preemptions != pre]
         for rid in stale:
             del self._sent[rid]
+            self._held.pop(rid, None)
         return stale
 
     def _send(self, plan: StarPlan) -> None:

@@ -72,6 +72,35 @@ def test_ranks_give_the_single_process_tokens(world_size, make_engine, loaded, p
     assert again[0][0] == single[0][0]  # the workers dropped the finished requests and serve new ones
 
 
+def test_rank_0_books_the_workers_pools(make_engine, loaded, prompts):
+    """Rank 0 keeps only its own blocks, so its pool admits more than a worker's holds: with workers of 90 blocks,
+    two requests that need ~60 each at once run one after the other (one is preempted, then recomputed) and
+    still give the single-process tokens; one that needs more than a whole worker pool fails alone."""
+    from engine.llm_engine import EngineStepError
+    from engine.sampling_params import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    two = [prompts[0], prompts[0][100:] + prompts[0][:100]]
+    single = make_engine(num_kv_blocks=700).generate(two, sp, attention_backend="star", attention_params=PARAMS[0])
+    group = StarGroup.launch(EngineConfig(num_kv_blocks=90, max_model_len=1024, max_num_batched_tokens=512), 2,
+                             timeout=60)
+    try:
+        engine = LLMEngine(CONFIG, loaded=loaded, star_group=group)
+        group.ready()
+        ranked = engine.generate(two, sp, attention_backend="star", attention_params=PARAMS[0])
+        assert [o.token_ids for o in ranked] == [o.token_ids for o in single]
+        assert engine.scheduler.num_preemptions >= 1
+        huge = loaded.tokenizer.encode(natural_text(140, 4))[:3000]
+        with pytest.raises(EngineStepError, match="does not fit a worker rank's KV pool"):
+            engine.generate([huge], sp, attention_backend="star", attention_params=PARAMS[0])
+        assert engine.generate(two[:1], sp, attention_backend="star",
+                               attention_params=PARAMS[0])[0].token_ids == single[0].token_ids
+        assert engine.usage().used == 0
+        group.check()
+    finally:
+        group.shutdown()
+
+
 def _chat(document: str) -> list[dict]:
     return [{"role": "system", "content": "You answer from the document."},
             {"role": "user", "content": document},
