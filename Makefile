@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_swaa.py
 	$(PY) benchmarks/bench_infllm.py
 	$(PY) benchmarks/bench_sparse_kv.py
+	$(PY) benchmarks/bench_star.py
 	$(PY) benchmarks/bench_attention_layer.py --backend infllm_v2 --params '{"dense_len": -1}'
 	$(PY) benchmarks/bench_attention_layer.py --backend loki --prefill ""
 	$(PY) benchmarks/bench_attention_layer.py --backend tca --prefill ""

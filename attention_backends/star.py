@@ -108,6 +108,11 @@ class StarLayout:
         keep = mine | query
         return pos[keep], (mine | (query & (rank == QUERY_RANK)))[keep]
 
+    def blocks_written(self, rank: int, start: int, end: int, anchor_done: bool, cache_block: int) -> set[int]:
+        """Block-table entries rank `rank` writes for the chunk: all a worker allocates for it."""
+        pos, writes = self.rows(rank, start, end, anchor_done)
+        return set((pos[writes] // cache_block).tolist())
+
 
 @dataclass(slots=True)
 class Segment:
@@ -171,11 +176,6 @@ class StarBackend(DenseBackend):
         step.state["anchor_done"] = step.state.get("anchor_done", False) or bool(writes.any())
         step.state["writes"], step.state["end"] = writes, end
         return pos
-
-    def blocks_written(self, params: StarParams, prompt_len: int, state: dict, start: int, end: int) -> list[int]:
-        """Block-table entries this rank writes for the chunk `[start, end)`: all a worker needs to allocate."""
-        pos, writes = self.layout(params, prompt_len).rows(self.rank, start, end, state.get("anchor_done", False))
-        return torch.unique(pos[writes] // self.spec.block_size).tolist()
 
     def prepare(self, batch: BackendBatch) -> None:
         segments, decodes, shards, writes = [], [], [], []

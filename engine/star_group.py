@@ -51,6 +51,7 @@ class StarItem:
 class StarPlan:
     items: list[StarItem] = field(default_factory=list)
     frees: list[str] = field(default_factory=list)  # requests whose KV the workers drop (finished, preempted)
+    report: bool = False  # after the step, every rank shares how many KV blocks it holds
     stop: bool = False
 
 
@@ -125,14 +126,14 @@ class StarGroup:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.check()
-        t = t.contiguous()
+        device, t = t.device, t.detach().to("cpu", copy=False).contiguous()  # the gloo group exchanges host memory
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         try:
             self._collective.allgather([out], [t]).wait()
         except RuntimeError as e:
             self.fail(f"the exchange between ranks failed ({str(e).splitlines()[0][:200]})")
             raise StarUnavailable(f"Star Attention is unavailable on this server: {self.failure}") from e
-        return torch.stack(out)
+        return torch.stack(out).to(device)
 
     def fail(self, reason: str) -> None:
         if self.failure is not None:
@@ -200,8 +201,7 @@ class StarGroup:
         start = seq.num_computed_tokens
         new = []
         for rank in range(1, self.world_size):
-            pos, writes = lay.rows(rank, start, start + n, anchor_done=bool(held[rank]))
-            new.append(set((pos[writes] // block_size).tolist()) - held[rank])
+            new.append(lay.blocks_written(rank, start, start + n, bool(held[rank]), block_size) - held[rank])
             others = sum(len(h[rank]) for r, h in self._held.items() if r != rid)
             if len(new[-1]) > self.capacity[rank] - others - len(held[rank]):
                 if rid not in self._sent:
@@ -212,6 +212,14 @@ class StarGroup:
         if start + n >= lay.context_len:  # after the step: a worker allocates every item's blocks, runs, then drops
             self._drops.append((held, set(range(lay.anchor // block_size))))
         return None
+
+    def blocks_in_use(self, pool_used: int) -> list[int]:
+        """KV blocks each rank's pool has handed out, rank-major (rank 0 passes its own count)."""
+        self._send(StarPlan(report=True))
+        return self.report_usage(pool_used)
+
+    def report_usage(self, pool_used: int) -> list[int]:
+        return [int(t) for t in self.all_gather(torch.tensor([pool_used]))]
 
     def release_finished(self, requests: dict[str, Sequence]) -> None:
         """Tell the workers to drop requests that finished, were aborted or preempted since the last plan."""

@@ -35,6 +35,8 @@ def run_worker(config: EngineConfig, group: StarGroup) -> None:
     seqs: dict[str, Sequence] = {}
     while not (plan := group.recv()).stop:
         run_plan(engine, star, seqs, plan)
+        if plan.report:
+            group.report_usage(engine.usage().used)
     logger.info("rank %d: stopped by rank 0", group.rank)
 
 
@@ -54,7 +56,8 @@ def run_plan(engine: LLMEngine, star: StarBackend, seqs: dict[str, Sequence], pl
             seq.token_ids.extend(item.new_tokens)
         seq.num_computed_tokens = item.start
         end = item.start + item.num_tokens
-        blocks = star.blocks_written(item.params, item.prompt_len, seq.backend_state, item.start, end)
+        blocks = star.layout(item.params, item.prompt_len).blocks_written(
+            star.rank, item.start, end, seq.backend_state.get("anchor_done", False), engine.kv_manager.block_size)
         if not engine.kv_manager.allocate_at(item.request_id, end, blocks):
             raise MemoryError(f"rank {star.rank}: no KV blocks left for request {item.request_id}")
         scheduled.append((seq, item.num_tokens))
@@ -85,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         cores = [int(c) for c in args.cores.split(",")]
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
+    config = EngineConfig(**args.engine_config)
+    if config.device in ("auto", "cuda") and torch.cuda.device_count() > 1:  # one GPU per rank on this machine
+        config.device = f"cuda:{args.rank % torch.cuda.device_count()}"
     group = StarGroup.connect(args.rank, args.world_size, args.host, args.port, args.timeout)
-    run_worker(EngineConfig(**args.engine_config), group)
+    run_worker(config, group)
     return 0
 
 

@@ -82,8 +82,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def greedy_with_logprobs(engine, prompts: list[list[int]], **backend) -> list[tuple[list[int], list[float]]]:
     """Each prompt's 12 greedy tokens and their logprobs, all prompts in the same steps."""
+    return greedy_mixed(engine, [(p, backend) for p in prompts])
+
+
+def greedy_mixed(engine, requests: list[tuple[list[int], dict]]) -> list[tuple[list[int], list[float]]]:
+    """`greedy_with_logprobs` for requests that each name their own backend (keyword arguments of add_request)."""
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, **backend) for p in prompts]
+    ids = [engine.add_request(p, sp, **backend) for p, backend in requests]
     got = {i: ([], []) for i in ids}
     while engine.has_unfinished_requests():
         for out in engine.step():

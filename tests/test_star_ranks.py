@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from backend_harness import ROOT, greedy_with_logprobs
+from backend_harness import ROOT, greedy_mixed, greedy_with_logprobs
 from conftest import natural_text
 
 from engine.config import EngineConfig
@@ -36,18 +36,8 @@ def prompts(loaded):
 
 def run_mixed(engine: LLMEngine, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
     """The two star requests and a dense one, all in the same steps (each request's own params)."""
-    from engine.sampling_params import SamplingParams
-
-    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, sp, attention_backend="star", attention_params=params)
-           for p, params in zip(prompts, PARAMS)]
-    ids.append(engine.add_request(prompts[1][:300], sp))
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.new_token_ids)
-            got[out.request_id][1].extend(lp.logprob for lp in out.logprobs)
-    return [got[i] for i in ids]
+    star = [(p, {"attention_backend": "star", "attention_params": params}) for p, params in zip(prompts, PARAMS)]
+    return greedy_mixed(engine, [*star, (prompts[1][:300], {})])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -60,7 +50,7 @@ def test_ranks_give_the_single_process_tokens(world_size, make_engine, loaded, p
         group.ready()
         ranked = run_mixed(engine, prompts)
         again = greedy_with_logprobs(engine, prompts[:1], attention_backend="star", attention_params=PARAMS[0])
-        assert engine.usage().used == 0
+        assert group.blocks_in_use(engine.usage().used) == [0] * world_size  # every rank freed every block
         group.check()  # no rank failed along the way
     finally:
         group.shutdown()
@@ -95,7 +85,7 @@ def test_rank_0_books_the_workers_pools(make_engine, loaded, prompts):
             engine.generate([huge], sp, attention_backend="star", attention_params=PARAMS[0])
         assert engine.generate(two[:1], sp, attention_backend="star",
                                attention_params=PARAMS[0])[0].token_ids == single[0].token_ids
-        assert engine.usage().used == 0
+        assert group.blocks_in_use(engine.usage().used) == [0, 0]
         group.check()
     finally:
         group.shutdown()
