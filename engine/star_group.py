@@ -59,7 +59,6 @@ class StarGroup:
     def __init__(self, rank: int, world_size: int, store: dist.Store, timeout: float,
                  workers: list[subprocess.Popen] | None = None) -> None:
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
-        self._store = store
         self._collective = dist.ProcessGroupGloo(dist.PrefixStore("star/collective", store), rank, world_size,
                                                  timedelta(seconds=timeout))
         self._plans = dist.ProcessGroupGloo(dist.PrefixStore("star/plans", store), rank, world_size, IDLE)
