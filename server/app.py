@@ -123,7 +123,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         text = serving.chat_text(req.messages, req.add_generation_prompt, req.continue_final_message)
         ids = await serving.tokenize(text, add_special_tokens=False)  # the template has its own special tokens
         await serving.ready_backend(req)
-        job = serving.prepare(req, [ids], "messages", await serving.chat_query_tokens(req, req.messages, ids))
+        job = serving.prepare(req, [ids], "messages", await serving.chat_query_tokens(req, ids))
         last = req.messages[-1]
         echo = [last.text()] if req.echo and last.role == "assistant" else None
         fmt = ChatFormat(job, llm.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", echo)

@@ -28,7 +28,7 @@ from server.admission import Admission, Ticket
 from server.config import ServedModel, ServerConfig
 from server.errors import APIError
 from server.metrics import ServerMetrics
-from server.protocol import ChatMessage, OpenAIRequest
+from server.protocol import ChatCompletionRequest, ChatMessage, OpenAIRequest
 
 _LONG_TEXT = 20_000  # characters: tokenize longer texts off the event loop
 
@@ -85,14 +85,14 @@ class Serving:
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
 
-    async def chat_query_tokens(self, req: OpenAIRequest, messages: list[ChatMessage], ids: list[int]
-                                ) -> int | None:
+    async def chat_query_tokens(self, req: ChatCompletionRequest, ids: list[int]) -> int | None:
         """Star Attention's query for a chat: the tokens from the last user turn on (everything before it is the
         context). None when the request is not `star`, names its own `query_tokens`, or the template renders
         the earlier turns differently inside the whole chat (then the param's default applies)."""
         backend, params = self._backend(self.resolve(req.model), req.attention_backend, req.attention_params)
         if backend != StarBackend.name or "query_tokens" in params.model_fields_set:
             return None
+        messages = req.messages
         last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
         if last is None:
             return None
