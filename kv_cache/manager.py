@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kv_cache.block_pool import NULL_BLOCK_ID, Block, BlockPool, hash_block_tokens
@@ -72,7 +72,7 @@ class KVCacheManager:
             self._tables.setdefault(request_id, []).extend(self.pool.allocate(need))
         return True
 
-    def allocate_at(self, request_id: str, num_tokens: int, block_indices: Sequence[int]) -> bool:
+    def allocate_at(self, request_id: str, num_tokens: int, block_indices: Iterable[int]) -> bool:
         """Grow the table to cover `num_tokens` tokens with null blocks, then back the given entries with real
         blocks (a rank that holds only some of a sequence's positions); False (nothing taken) when short."""
         table = self._tables.setdefault(request_id, [])
