@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from common import FILLER, random_prompt
+from common import FILLER, passkey_row, random_prompt
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -122,8 +122,7 @@ def quality(engine: LLMEngine) -> None:
             kw = {} if params is None else {"attention_backend": "star",
                                             "attention_params": {**params, "query_tokens": query}}
             hits.append(str(key) in engine.generate([ids], sp, **kw)[0].text)
-        by_len = ["".join("Y" if h else "." for h in hits[i : i + 3]) for i in (0, 3, 6)]
-        print(f"| {name} | {by_len[0]} | {by_len[1]} | {by_len[2]} | {sum(hits)}/9 |")
+        passkey_row(name, hits)
 
 
 def main() -> None:

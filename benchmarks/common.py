@@ -78,6 +78,12 @@ def passkey_prompt(engine: LLMEngine, n: int, depth: float, key: int) -> list[in
                                               add_generation_prompt=True), add_special_tokens=False)
 
 
+def passkey_row(name: str, hits: list[bool]) -> None:
+    """One row of the passkey table: hits at 1k/2k/4k, 3 depths each, and the total."""
+    by_len = ["".join("Y" if h else "." for h in hits[i : i + 3]) for i in (0, 3, 6)]
+    print(f"| {name} | {by_len[0]} | {by_len[1]} | {by_len[2]} | {sum(hits)}/9 |")
+
+
 def quality_tables(engine: LLMEngine, recipes: dict[str, Recipe]) -> None:
     """Passkey retrieval at 1k/2k/4k (needle at 10/50/90% depth), and greedy agreement with dense over 64
     tokens continuing natural text at 4k."""
@@ -89,9 +95,7 @@ def quality_tables(engine: LLMEngine, recipes: dict[str, Recipe]) -> None:
     print("|---|---|---|---|---|")
     for name, recipe in recipes.items():
         outs = engine.generate(prompts, sp, **backend_kwargs(recipe))
-        hits = [str(key) in o.text for (_, _, key), o in zip(cells, outs)]
-        by_len = ["".join("Y" if h else "." for h in hits[i: i + 3]) for i in (0, 3, 6)]
-        print(f"| {name} | {by_len[0]} | {by_len[1]} | {by_len[2]} | {sum(hits)}/9 |")
+        passkey_row(name, [str(key) in o.text for (_, _, key), o in zip(cells, outs)])
 
     text = engine.tokenizer.encode(natural_text(400, 11))[:4000]
     sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
