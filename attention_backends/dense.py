@@ -1,4 +1,9 @@
-"""`dense`: exact attention over the paged cache; the oracle every other backend reduces to."""
+"""`dense`: exact attention over the paged cache; the oracle every other backend reduces to.
+
+The helpers below are what other backends compose for their exact parts (a full-attention layer, a prefill
+that is dense below a threshold): plans built in `prepare`, rows of a packed batch attended in `forward`.
+A model's own sliding window is honoured: each distinct window of its layers gets a plan of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,72 +12,80 @@ from dataclasses import dataclass
 import torch
 
 from attention_backends.base import AttentionBackend, Capabilities
-from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.kernels.paged import decode_attention, gather_context, padded_block_tables, prefill_attention
+from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep
+from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
+from attention_backends.kernels.prefill import PrefillPlan, paged_prefill, prefill_plan
 from attention_backends.registry import register_backend
 
+Windows = dict[int | None, PrefillPlan]  # a chunk's exact plan for each window the model's layers use
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class DecodeRows:
-    """Batched decode inputs: each row's query index in the batch, block table, valid keys, context length."""
+    """Decoding sequences' rows of the batch, with one plan per window."""
 
-    index: torch.Tensor  # [B]
-    tables: torch.Tensor  # [B, N]
-    valid: torch.Tensor | None  # [B, N * block_size]; None: every key valid
-    lens: torch.Tensor  # [B]
+    rows: torch.Tensor  # [B]
+    plans: dict[int | None, DecodePlan]
 
-    def take(self, rows: list[int]) -> DecodeRows:
-        r = torch.tensor(rows)
-        return DecodeRows(self.index[r], self.tables[r], None if self.valid is None else self.valid[r], self.lens[r])
+
+@dataclass(frozen=True, slots=True)
+class DenseMeta:
+    prefills: list[tuple[SeqStep, Windows]]
+    decode: DecodeRows | None
+
+
+def exact_prefill_plans(seq: SeqStep, spec: AttentionSpec, dtype: torch.dtype, device: torch.device) -> Windows:
+    return {w: prefill_plan(seq.num_computed_tokens, seq.query_len, window=w, dtype=dtype, device=device)
+            for w in set(spec.layer_windows)}
+
+
+def exact_decode_rows(seqs: list[SeqStep], spec: AttentionSpec) -> DecodeRows | None:
+    if not seqs:
+        return None
+    tables, lens = [s.block_table for s in seqs], [s.context_len for s in seqs]
+    return DecodeRows(torch.tensor([s.query_start for s in seqs]),
+                      {w: decode_plan(tables, lens, spec.block_size, windows=None if w is None else [w] * len(seqs))
+                       for w in set(spec.layer_windows)})
+
+
+def dense_meta(seqs: list[SeqStep], spec: AttentionSpec, dtype: torch.dtype, device: torch.device) -> DenseMeta:
+    prefills = [(s, exact_prefill_plans(s, spec, dtype, device)) for s in seqs if s.phase is Phase.PREFILL]
+    return DenseMeta(prefills, exact_decode_rows([s for s in seqs if s.phase is Phase.DECODE], spec))
+
+
+def attend_prefill(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, seq: SeqStep, plan: PrefillPlan, scale: float) -> None:
+    """A prefill chunk's rows of `out`, over the cache and its own fresh K/V."""
+    s, e = seq.query_start, seq.query_start + seq.query_len
+    out[:, s:e] = paged_prefill(q[:, s:e], k_cache, v_cache, seq.block_table, plan, scale, (k[:, s:e], v[:, s:e]))
+
+
+def attend_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  rows: torch.Tensor, plan: DecodePlan, scale: float) -> None:
+    """Decoding rows of `out`, one query each."""
+    out[:, rows] = paged_decode(q[:, rows].transpose(0, 1), k_cache, v_cache, plan, scale).transpose(0, 1)
+
+
+def attend_exact(out: torch.Tensor, meta: DenseMeta, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None, scale: float) -> None:
+    for seq, plans in meta.prefills:
+        attend_prefill(out, q, k, v, k_cache, v_cache, seq, plans[window], scale)
+    if meta.decode is not None:
+        attend_decode(out, q, k_cache, v_cache, meta.decode.rows, meta.decode.plans[window], scale)
 
 
 @register_backend
-class DenseBackend(AttentionBackend):
+class DenseBackend(AttentionBackend[DenseMeta]):
     name = "dense"
     capabilities = Capabilities(exact=True)
 
-    def prepare(self, batch: BackendBatch) -> None:
-        self.split_phases(batch)
-        batch.meta["decode"] = self.decode_rows(batch.meta["decodes"])
+    def prepare(self, batch: BackendBatch[DenseMeta]) -> DenseMeta:
+        return dense_meta(batch.seqs, self.spec, self.kv.spec.dtype, self.kv.device)
 
-    @staticmethod
-    def split_phases(batch: BackendBatch) -> None:
-        batch.meta["prefill"] = [s for s in batch.seqs if s.phase is Phase.PREFILL]
-        batch.meta["decodes"] = [s for s in batch.seqs if s.phase is Phase.DECODE]
-
-    def decode_rows(self, decodes: list[SeqStep]) -> DecodeRows | None:
-        if not decodes:
-            return None
-        lens = [s.context_len for s in decodes]
-        tables, valid = padded_block_tables([s.block_table for s in decodes], lens, self.spec.block_size)
-        return DecodeRows(torch.tensor([s.query_start for s in decodes]), tables, valid, torch.tensor(lens))
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[DenseMeta],
                 scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v, batch)
+        self.store_kv(layer, k, v, batch.slot_mapping)
         out = torch.empty_like(q)
-        for seq in batch.meta["prefill"]:
-            self.prefill(layer, q, k, v, seq, scale, out)
-        if batch.meta["decode"] is not None:
-            self.decode(layer, q, batch.meta["decode"], scale, out)
+        attend_exact(out, batch.meta, layer, q, k, v, self.kv.k[layer], self.kv.v[layer],
+                     self.spec.layer_windows[layer], scale)
         return out
-
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SeqStep, scale: float,
-                out: torch.Tensor) -> None:
-        """Causal attention of one prefill chunk over its whole context, with the model's own window if any."""
-        s, e = seq.query_start, seq.query_start + seq.query_len
-        if seq.num_cached:
-            kc, vc = gather_context(self.kv, layer, seq.block_table, seq.context_len)
-        else:  # nothing cached before this chunk: its own fresh K/V is the whole context
-            kc, vc = k[:, s:e], v[:, s:e]
-        out[:, s:e] = prefill_attention(q[:, s:e], kc, vc, seq.num_cached, scale, self.spec.layer_windows[layer])
-
-    def decode(self, layer: int, q: torch.Tensor, rows: DecodeRows, scale: float, out: torch.Tensor) -> None:
-        """One query per row over the keys its table and mask allow, and the model's own window if any."""
-        valid, window = rows.valid, self.spec.layer_windows[layer]
-        if window is not None:
-            keys = torch.arange(rows.tables.shape[1] * self.spec.block_size)
-            in_window = (keys >= (rows.lens - window).unsqueeze(1)) & (keys < rows.lens.unsqueeze(1))
-            valid = in_window if valid is None else valid & in_window
-        kd, vd = (t.flatten(1, 2) for t in self.kv.gather(layer, rows.tables))
-        out[:, rows.index] = decode_attention(q[:, rows.index].transpose(0, 1), kd, vd, valid, scale).transpose(0, 1)

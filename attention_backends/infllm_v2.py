@@ -18,14 +18,14 @@ Choices where the paper leaves a server free, and why:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attention_backends.base import Capabilities
+from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.dense import DenseBackend
+from attention_backends.dense import DenseMeta, attend_exact, dense_meta
 from attention_backends.kernels.block_sparse import (
     Compressed,
     Selection,
@@ -37,8 +37,8 @@ from attention_backends.kernels.block_sparse import (
     sparse_decode,
     sparse_prefill,
 )
+from attention_backends.kernels.paged import take_blocks
 from attention_backends.registry import register_backend
-from kv_cache.paged_kv import take_blocks
 
 MEANS_TABLE = "infllm_v2.key_means"
 
@@ -71,11 +71,19 @@ class InfLLMV2Params(BaseModel):
         first_sparse = (self.topk + self.local_blocks) * self.block_size  # earlier rows see every block anyway
         if self.dense_len >= 0 and seq.prompt_len < self.dense_len:
             first_sparse = max(first_sparse, self.dense_len - 1)
-        return min(max(first_sparse - seq.num_cached, 0), seq.query_len)
+        return min(max(first_sparse - seq.num_computed_tokens, 0), seq.query_len)
+
+
+@dataclass(frozen=True, slots=True)
+class InfLLMMeta:
+    dense: DenseMeta  # the rows that attend densely: a chunk's leading rows, decodes below the switch
+    sparse_prefills: list[tuple[SeqStep, Selection]]  # the rest of each chunk, as a step of its own
+    sparse_decodes: dict[Selection, list[SeqStep]]
+    fill: torch.Tensor | None  # cache blocks whose key means the sparse rows need and the side table lacks
 
 
 @register_backend
-class InfLLMV2Backend(DenseBackend):
+class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
     name = "infllm_v2"
     Params = InfLLMV2Params
     capabilities = Capabilities(exact=False)
@@ -92,50 +100,47 @@ class InfLLMV2Backend(DenseBackend):
         if own:
             raise ValueError(f"infllm_v2 needs full-attention layers; the model's own sliding window covers {own}")
 
-    def prepare(self, batch: BackendBatch) -> None:
-        prefill, dense_decodes, sparse_decodes, fill = [], [], [], []
+    def prepare(self, batch: BackendBatch[InfLLMMeta]) -> InfLLMMeta:
+        dense, sparse_prefills, fill = [], [], []
+        sparse_decodes: dict[Selection, list[SeqStep]] = {}
         for s in batch.seqs:
             r = s.params.dense_rows(s)
+            sel = s.params.selection(self.spec.block_size)
             if r < s.query_len:  # sparse rows: their pages' key means must be ready
                 pages = s.block_table[: s.context_len // self.spec.block_size]
                 fill.append(pages[~self.means.filled[pages]])
             if s.phase is Phase.DECODE:
-                (dense_decodes if r else sparse_decodes).append(s)
+                if r:
+                    dense.append(s)
+                else:
+                    sparse_decodes.setdefault(sel, []).append(s)
                 continue
-            dense = replace(s, query_len=r) if r else None
-            sparse = replace(s, query_start=s.query_start + r, num_cached=s.num_cached + r,
-                             query_len=s.query_len - r) if r < s.query_len else None
-            prefill.append((dense, sparse))
-        batch.meta["prefill"] = prefill
-        batch.meta["decode"] = self.decode_rows(dense_decodes)
-        groups: dict[Selection, list[SeqStep]] = {}
-        for s in sparse_decodes:
-            groups.setdefault(s.params.selection(self.spec.block_size), []).append(s)
-        batch.meta["sparse_decode"] = groups
-        batch.meta["fill"] = torch.cat(fill).unique() if fill else None
+            if r:
+                dense.append(replace(s, query_len=r))
+            if r < s.query_len:
+                sparse_prefills.append((replace(s, query_start=s.query_start + r,
+                                                num_computed_tokens=s.num_computed_tokens + r,
+                                                query_len=s.query_len - r), sel))
+        return InfLLMMeta(dense_meta(dense, self.spec, self.kv.spec.dtype, self.kv.device), sparse_prefills,
+                          sparse_decodes, torch.cat(fill).unique() if fill else None)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[InfLLMMeta],
                 scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v, batch)
-        self._fill_means(layer, batch.meta["fill"])
+        self.store_kv(layer, k, v, batch.slot_mapping)
+        meta, kc, vc = batch.meta, self.kv.k[layer], self.kv.v[layer]
+        self._fill_means(layer, meta.fill)
         out = torch.empty_like(q)
-        for dense, sparse in batch.meta["prefill"]:
-            if dense is not None:
-                self.prefill(layer, q, k, v, dense, scale, out)
-            if sparse is not None:
-                s, e = sparse.query_start, sparse.query_start + sparse.query_len
-                sel = sparse.params.selection(self.spec.block_size)
-                out[:, s:e] = sparse_prefill(self.kv, layer, q[:, s:e], sparse.num_cached, sparse.block_table,
-                                             self._compressed(layer, sparse, sel), sel, scale)
-        if batch.meta["decode"] is not None:
-            self.decode(layer, q, batch.meta["decode"], scale, out)
-        for sel, seqs in batch.meta["sparse_decode"].items():
-            index = torch.tensor([s.query_start for s in seqs])
+        attend_exact(out, meta.dense, layer, q, k, v, kc, vc, None, scale)
+        for seq, sel in meta.sparse_prefills:
+            s, e = seq.query_start, seq.query_start + seq.query_len
+            out[:, s:e] = sparse_prefill(kc, vc, q[:, s:e], seq.num_computed_tokens, seq.block_table,
+                                         self._compressed(layer, seq, sel), sel, scale)
+        for sel, seqs in meta.sparse_decodes.items():
+            rows = torch.tensor([s.query_start for s in seqs])
             pages = torch.stack([self._decode_pages(layer, q[:, i : i + 1], s, sel, scale)
-                                 for i, s in zip(index.tolist(), seqs)])
+                                 for i, s in zip(rows.tolist(), seqs)], dim=1)
             lens = torch.tensor([s.context_len for s in seqs])
-            out[:, index] = sparse_decode(self.kv, layer, q[:, index].transpose(0, 1), pages, lens, sel,
-                                          scale).transpose(0, 1)
+            out[:, rows] = sparse_decode(kc, vc, q[:, rows], pages, lens, sel, scale)
         return out
 
     def _fill_means(self, layer: int, pages: torch.Tensor | None) -> None:

@@ -12,31 +12,23 @@ the same per-row top-k to every prompt query, as the paper's accuracy runs did.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from attention_backends.base import Capabilities
-from attention_backends.calibrated import CalibratedBackend, CalibratedParams
+from attention_backends.calibration import CalibratedBackend, CalibratedParams
 from attention_backends.context import BackendBatch, SeqStep
-from attention_backends.dense import DenseBackend
-from attention_backends.kernels.paged import gather_head_slots, sdpa
+from attention_backends.kernels.paged import cdiv, take_blocks
 from attention_backends.registry import register_backend
-from kv_cache.paged_kv import take_blocks
+from attention_backends.scorer import ScorerBackend, ScorerMeta, ScorerParams
+from kv_cache.paged_kv import SideTable
 
-TILE_ELEMS = 1 << 23  # gathered K elements per tile of prefill rows in `prefill: topk`
 
-
-class LokiParams(CalibratedParams):
-    k_frac: float = Field(0.25, gt=0, le=1, description="tokens each decode query keeps, a fraction of its context")
+class LokiParams(ScorerParams, CalibratedParams):
     d_frac: float = Field(0.25, gt=0, le=1, description="principal channels the approximate scores read")
-    sinks: int = Field(0, ge=0, description="first tokens always kept")
-    local_window: int = Field(0, ge=0, description="most recent tokens always kept")
     selection: Literal["group", "head"] = Field("group", description="one token set per KV group, or per query head")
-    prefill: Literal["dense", "topk"] = Field("dense", description="topk: the decode rule on every prompt row too")
 
     def rank(self, head_dim: int) -> int:
         return max(1, round(self.d_frac * head_dim))
@@ -69,11 +61,17 @@ class PCACalibrator:
                 "explained_variance_ratio": torch.stack(ratios)}
 
 
+@dataclass(frozen=True, slots=True)
+class LokiMeta:
+    scorer: ScorerMeta
+    rotations: list[tuple[Basis, torch.Tensor | slice]]  # each artifact's basis and the batch rows it rotates
+    lowrank: list[tuple[int, torch.Tensor | slice]]  # each rank d and the batch rows whose keys it keeps
+
+
 @register_backend
-class LokiBackend(CalibratedBackend, DenseBackend):
+class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
     name = "loki"
     Params = LokiParams
-    capabilities = Capabilities(exact=False, needs_calibration=True)
 
     def calibrator(self, params: LokiParams) -> PCACalibrator:
         return PCACalibrator()
@@ -87,78 +85,48 @@ class LokiBackend(CalibratedBackend, DenseBackend):
         group = self.spec.num_heads // self.spec.num_kv_heads
         return Basis(comps, comps.repeat_interleave(group, 1))
 
-    def lowrank(self, d: int):
+    def lowrank(self, d: int) -> SideTable:
         return self.kv.register_side_table(f"loki.keys.d{d}", (self.spec.block_size, self.spec.num_kv_heads, d),
                                            self.kv.spec.dtype)
 
-    def prepare(self, batch: BackendBatch) -> None:
-        self.split_phases(batch)  # decodes take Loki's own path: no dense decode tables
+    def key_sets(self, params: LokiParams) -> int:
+        return self.spec.num_kv_heads if params.selection == "group" else self.spec.num_heads
+
+    def prepare(self, batch: BackendBatch[LokiMeta]) -> LokiMeta:
         by_artifact: dict[str, list[SeqStep]] = {}
-        for s in batch.seqs:
-            by_artifact.setdefault(self.artifact_key(s.params), []).append(s)
-        batch.meta["rotations"] = [(self.artifact(seqs[0].params), _rows(seqs, len(batch.seqs), batch.num_tokens))
-                                   for seqs in by_artifact.values()]
         by_rank: dict[int, list[SeqStep]] = {}
         for s in batch.seqs:
+            by_artifact.setdefault(self.artifact_key(s.params), []).append(s)
             by_rank.setdefault(s.params.rank(self.spec.head_dim), []).append(s)
-        batch.meta["lowrank"] = [(d, _rows(seqs, len(batch.seqs), batch.num_tokens)) for d, seqs in by_rank.items()]
+        n, t = len(batch.seqs), batch.num_tokens
+        return LokiMeta(self.scorer_meta(batch),
+                        [(self.artifact(seqs[0].params), _rows(seqs, n, t)) for seqs in by_artifact.values()],
+                        [(d, _rows(seqs, n, t)) for d, seqs in by_rank.items()])
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[LokiMeta],
                 scale: float) -> torch.Tensor:
+        meta = batch.meta
         qr, kr = torch.empty_like(q), torch.empty_like(k)
-        for basis, rows in batch.meta["rotations"]:
+        for basis, rows in meta.rotations:
             kr[:, rows] = k[:, rows] @ basis.keys[layer].transpose(1, 2)
             qr[:, rows] = q[:, rows] @ basis.queries[layer].transpose(1, 2)
-        self.store_kv(layer, kr, v, batch)
+        self.store_kv(layer, kr, v, batch.slot_mapping)
         hkv = self.spec.num_kv_heads
-        for d, rows in batch.meta["lowrank"]:
+        for d, rows in meta.lowrank:
             slots = batch.slot_mapping[rows].to(self.kv.device)
             self.lowrank(d).data[layer].view(-1, hkv, d)[slots] = kr[:, rows, :d].transpose(0, 1)
-        out = torch.empty_like(q)
-        for seq in batch.meta["prefill"]:
-            if seq.params.prefill == "dense":
-                self.prefill(layer, qr, kr, v, seq, scale, out)
-            else:
-                self.topk_prefill(layer, qr, seq, scale, out)
-        for seq in batch.meta["decodes"]:
-            self.sparse_rows(layer, qr, seq, seq.query_start, seq.context_len - 1, 1, scale, out)
-        return out
+        return self.attend(layer, qr, kr, v, meta.scorer, scale)
 
-    def topk_prefill(self, layer: int, qr: torch.Tensor, seq: SeqStep, scale: float, out: torch.Tensor) -> None:
-        sets = 1 if seq.params.selection == "group" else self.spec.num_heads // self.spec.num_kv_heads
-        tile = max(1, TILE_ELEMS // (self.spec.num_kv_heads * sets * seq.context_len * self.spec.head_dim))
-        for t0 in range(0, seq.query_len, tile):
-            n = min(tile, seq.query_len - t0)
-            self.sparse_rows(layer, qr, seq, seq.query_start + t0, seq.num_cached + t0, n, scale, out)
-
-    def sparse_rows(self, layer: int, qr: torch.Tensor, seq: SeqStep, start: int, pos: int, n: int, scale: float,
-                    out: torch.Tensor) -> None:
-        """Rows `start..start+n` of the batch (positions `pos..pos+n`): approximate scores on d channels, each
-        row's top-k of its own context (causal), exact attention over the kept tokens."""
+    def score(self, layer: int, q: torch.Tensor, seq: SeqStep[LokiParams, None], pos: int) -> torch.Tensor:
+        """The rotated queries' dot products with the keys' first d rotated channels, summed over a KV group's heads
+        for group selection."""
         p, (hq, hkv, dim) = seq.params, (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim)
-        g, d, length, bs = hq // hkv, p.rank(dim), pos + n, self.spec.block_size
-        table = seq.block_table[: math.ceil(length / bs)].to(self.kv.device)
+        d, n, bs = p.rank(dim), q.shape[1], self.spec.block_size
+        length = pos + n
+        table = seq.block_table[: cdiv(length, bs)].to(self.kv.device)
         low = take_blocks(self.lowrank(d).data[layer], table).flatten(0, 1)[:length]  # [L, H_kv, d]
-        q = qr[:, start : start + n]  # [H_q, n, D]
-        approx = torch.einsum("hgnd,lhd->hgnl", q[..., :d].reshape(hkv, g, n, d), low)
-        s = 1 if p.selection == "group" else g  # token sets per KV head
-        if s == 1:
-            approx = approx.sum(1, keepdim=True)
-        qpos = torch.arange(pos, pos + n, device=approx.device).unsqueeze(1)
-        kpos = torch.arange(length, device=approx.device)
-        forced = ((kpos < p.sinks) | (kpos > qpos - p.local_window)) & (kpos <= qpos)
-        approx = approx.masked_fill(forced, float("inf")).masked_fill(kpos > qpos, float("-inf"))
-        budget = (p.k_frac * (qpos + 1)).long().clamp_min(1) + forced.sum(1, keepdim=True)  # [n, 1]
-        top = approx.topk(int(budget.max().clamp_max(length)), -1)  # [H_kv, s, n, keep]
-        keep = top.indices.shape[-1]
-        visible = (torch.arange(keep, device=approx.device) < budget) & (top.values > float("-inf"))
-        slots = table[top.indices // bs] * bs + top.indices % bs
-        kk, vv = (t.view(hkv, s, n, keep, dim) for t in gather_head_slots(self.kv, layer, slots.view(hkv, -1)))
-        # Rows of one attention call: (KV head, token set, query row); its queries are the heads sharing the set.
-        qq = q.reshape(hkv, g, n, dim).transpose(1, 2).reshape(hkv, n, s, g // s, dim).transpose(1, 2)
-        o = sdpa(qq.flatten(0, 2), kk.flatten(0, 2), vv.flatten(0, 2), scale, mask=visible.flatten(0, 2).unsqueeze(1))
-        o = o.view(hkv, s, n, g // s, dim).transpose(1, 2).reshape(hkv, n, g, dim).transpose(1, 2)
-        out[:, start : start + n] = o.reshape(hq, n, dim)
+        approx = torch.einsum("hgnd,lhd->hgnl", q[..., :d].reshape(hkv, hq // hkv, n, d), low)
+        return approx.sum(1) if p.selection == "group" else approx.reshape(hq, n, length)
 
 
 def _rows(seqs: list[SeqStep], total_seqs: int, num_tokens: int) -> torch.Tensor | slice:
@@ -166,4 +134,3 @@ def _rows(seqs: list[SeqStep], total_seqs: int, num_tokens: int) -> torch.Tensor
     if len(seqs) == total_seqs:
         return slice(0, num_tokens)
     return torch.cat([torch.arange(s.query_start, s.query_start + s.query_len) for s in seqs])
-

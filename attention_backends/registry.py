@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from importlib.metadata import entry_points
 from typing import Any
@@ -11,6 +12,15 @@ from pydantic import BaseModel, ValidationError
 from attention_backends.base import AttentionBackend
 
 ENTRY_POINT_GROUP = "longserve.attention_backends"
+# Imported on first lookup, so that importing the kernel layer (or the contract) imports no backend.
+BUILTIN = {
+    "dense": "attention_backends.dense:DenseBackend",
+    "sliding_window": "attention_backends.sliding_window:SlidingWindowBackend",
+    "infllm_v2": "attention_backends.infllm_v2:InfLLMV2Backend",
+    "loki": "attention_backends.loki:LokiBackend",
+    "tca": "attention_backends.tca:TCABackend",
+    "star": "attention_backends.star:StarBackend",
+}
 logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[AttentionBackend]] = {}
@@ -23,10 +33,22 @@ class BackendError(ValueError):
 
 def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
     """Class decorator; a third-party package's entry point may call it too."""
+    builtin = BUILTIN.get(cls.name)
+    if builtin is not None and builtin != f"{cls.__module__}:{cls.__qualname__}":
+        raise ValueError(f"attention backend {cls.name!r} is already registered by {builtin.split(':')[0]}")
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"attention backend {cls.name!r} is already registered by {existing.__module__}")
     _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _builtin(name: str) -> type[AttentionBackend] | None:
+    if name not in BUILTIN:
+        return None
+    module, cls_name = BUILTIN[name].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    _REGISTRY[name] = cls
     return cls
 
 
@@ -49,17 +71,15 @@ def _load_entry_points() -> None:
 
 def available_backends() -> list[str]:
     _load_entry_points()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(BUILTIN))
 
 
 def get_backend_class(name: str) -> type[AttentionBackend]:
     _load_entry_points()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise BackendError(
-            f"unknown attention backend {name!r}; registered: {', '.join(available_backends())}"
-        ) from None
+    cls = _REGISTRY.get(name) or _builtin(name)
+    if cls is None:
+        raise BackendError(f"unknown attention backend {name!r}; registered: {', '.join(available_backends())}")
+    return cls
 
 
 def validate_params(name: str, params: dict[str, Any] | BaseModel | None) -> BaseModel:

@@ -11,15 +11,25 @@ back to the pool, so a sequence holds O(sinks + window) KV however long it runs.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attention_backends.base import Capabilities
-from attention_backends.context import BackendBatch, SeqStep
-from attention_backends.dense import DecodeRows, DenseBackend
-from attention_backends.kernels.window import band_plan, band_prefill_attention, window_block_tables
+from attention_backends.base import AttentionBackend, Capabilities
+from attention_backends.context import BackendBatch, Phase, SeqStep
+from attention_backends.dense import (
+    DecodeRows,
+    Windows,
+    attend_decode,
+    attend_prefill,
+    exact_decode_rows,
+    exact_prefill_plans,
+)
+from attention_backends.kernels.decode import DecodePlan, decode_plan
+from attention_backends.kernels.paged import cdiv
+from attention_backends.kernels.prefill import PrefillPlan, prefill_plan
 from attention_backends.registry import register_backend
 
 _EVERY = re.compile(r"every:([1-9]\d*)")
@@ -60,64 +70,82 @@ class SlidingWindowParams(BaseModel):
         return frozenset(i for i in range(num_layers) if i % step == offset)
 
 
+@dataclass(frozen=True, slots=True)
+class BandPrefill:
+    """One prefill chunk: its band plan for the windowed layers, its exact plans for the others."""
+
+    seq: SeqStep
+    band: PrefillPlan
+    exact: Windows  # empty when every layer is windowed
+    windowed: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPlan:
+    prefills: list[BandPrefill]
+    decode: DecodeRows | None  # every decoding row, exact (full-attention layers, FA decode)
+    band_decode: DecodePlan | None  # every decoding row, windowed; None when no row is windowed in any layer
+    decode_windowed: list[frozenset[int]]  # per decoding row: its windowed layers
+
+
 @register_backend
-class SlidingWindowBackend(DenseBackend):
-    """Dense where a layer keeps full attention; the band elsewhere."""
+class SlidingWindowBackend(AttentionBackend[WindowPlan]):
+    """Exact where a layer keeps full attention; the band elsewhere."""
 
     name = "sliding_window"
     Params = SlidingWindowParams
-    capabilities = Capabilities(exact=False, releases_blocks=True)
+    capabilities = Capabilities(exact=False)
 
     def _windowed_layers(self, params: SlidingWindowParams) -> frozenset[int]:
         # A layer with its own window in the model's config keeps it (and no sinks): it was trained so.
         full = params.full_layers(self.spec.num_layers)
         return frozenset(i for i, own in enumerate(self.spec.layer_windows) if own is None and i not in full)
 
-    def prepare(self, batch: BackendBatch) -> None:
-        super().prepare(batch)
-        dtype, device = self.kv.spec.dtype, self.kv.device
-        batch.meta["plans"] = [(band_plan(s, s.params.window, s.params.sinks, dtype, device),
-                                self._windowed_layers(s.params)) for s in batch.meta["prefill"]]
-        windowed = [frozenset() if s.params.prefill_only else self._windowed_layers(s.params)
-                    for s in batch.meta["decodes"]]
-        batch.meta["window_decode"] = None
+    def prepare(self, batch: BackendBatch[WindowPlan]) -> WindowPlan:
+        dtype, device, layers = self.kv.spec.dtype, self.kv.device, self.spec.num_layers
+        prefills = []
+        for s in batch.seqs:
+            if s.phase is Phase.PREFILL:
+                windowed, p = self._windowed_layers(s.params), s.params
+                band = prefill_plan(s.num_computed_tokens, s.query_len, sinks=p.sinks, window=p.window, dtype=dtype,
+                                    device=device)
+                exact = exact_prefill_plans(s, self.spec, dtype, device) if len(windowed) < layers else {}
+                prefills.append(BandPrefill(s, band, exact, windowed))
+        decodes = [s for s in batch.seqs if s.phase is Phase.DECODE]
+        windowed = [frozenset() if s.params.prefill_only else self._windowed_layers(s.params) for s in decodes]
+        band_decode = None
         if any(windowed):
-            tables, valid = window_block_tables(batch.meta["decodes"], self.spec.block_size)
-            rows = batch.meta["decode"]
-            batch.meta["window_decode"] = (DecodeRows(rows.index, tables, valid, rows.lens), windowed)
+            band_decode = decode_plan([s.block_table for s in decodes], [s.context_len for s in decodes],
+                                      self.spec.block_size, [s.params.sinks for s in decodes],
+                                      [s.params.window for s in decodes])
+        return WindowPlan(prefills, exact_decode_rows(decodes, self.spec), band_decode, windowed)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[WindowPlan],
                 scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v, batch)
+        self.store_kv(layer, k, v, batch.slot_mapping)
+        meta, kc, vc, own = batch.meta, self.kv.k[layer], self.kv.v[layer], self.spec.layer_windows[layer]
         out = torch.empty_like(q)
-        for seq, (plan, windowed) in zip(batch.meta["prefill"], batch.meta["plans"]):
-            if layer not in windowed:
-                self.prefill(layer, q, k, v, seq, scale, out)
-                continue
-            s, e = seq.query_start, seq.query_start + seq.query_len
-            out[:, s:e] = band_prefill_attention(self.kv, layer, q[:, s:e], k[:, s:e], v[:, s:e], seq, plan, scale)
-        if batch.meta["window_decode"] is not None:
-            window_rows, windowed = batch.meta["window_decode"]
-            banded = [i for i, w in enumerate(windowed) if layer in w]
-            full = [i for i, w in enumerate(windowed) if layer not in w]
-            if full:
-                self.decode(layer, q, batch.meta["decode"].take(full), scale, out)
-            if banded:
-                self.decode(layer, q, window_rows.take(banded), scale, out)
-        elif batch.meta["decode"] is not None:  # full-attention decode for every sequence in this step
-            self.decode(layer, q, batch.meta["decode"], scale, out)
+        for p in meta.prefills:
+            attend_prefill(out, q, k, v, kc, vc, p.seq, p.band if layer in p.windowed else p.exact[own], scale)
+        if meta.decode is not None:
+            banded = [i for i, w in enumerate(meta.decode_windowed) if layer in w]
+            full = [i for i, w in enumerate(meta.decode_windowed) if layer not in w]
+            if not banded:
+                attend_decode(out, q, kc, vc, meta.decode.rows, meta.decode.plans[own], scale)
+            else:
+                if full:
+                    attend_decode(out, q, kc, vc, meta.decode.rows[full], meta.decode.plans[own].take(full), scale)
+                attend_decode(out, q, kc, vc, meta.decode.rows[banded], meta.band_decode.take(banded), scale)
         return out
 
     def check(self, params: SlidingWindowParams) -> None:
         params.full_layers(self.spec.num_layers)
 
-    def blocks_to_release(self, seq: SeqStep) -> list[int]:
-        p = seq.params
+    def blocks_to_release(self, step: SeqStep[SlidingWindowParams, None]) -> list[int]:
+        p = step.params
         if not p.release_kv:
             return []
         bs = self.spec.block_size
-        # Called after the step: num_cached = L tokens are in the cache. The next query sits at position L and
-        # sees keys > L - window, so blocks past the sinks and wholly before that are never read again.
-        first = -(-p.sinks // bs)
-        last = (seq.num_cached - p.window + 1) // bs
-        return list(range(first, last))
+        # The cache holds L = step.end tokens. The next query sits at position L and sees keys > L - window, so
+        # blocks past the sinks and wholly before that are never read again.
+        return list(range(cdiv(p.sinks, bs), (step.end - p.window + 1) // bs))

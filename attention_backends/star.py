@@ -25,28 +25,25 @@ from typing import Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from attention_backends.base import Capabilities
+from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.dense import DenseBackend
+from attention_backends.dense import DecodeRows, attend_decode, exact_decode_rows
 from attention_backends.kernels.merge import attention_with_lse, merge_attention_states
-from attention_backends.kernels.paged import gather_range, prefill_attention
+from attention_backends.kernels.paged import take_blocks, write_kv
+from attention_backends.kernels.prefill import PrefillPlan, paged_prefill, prefill_plan
 from attention_backends.registry import register_backend
 
 QUERY_RANK = 0  # holds the KV of query and generated tokens
 
 
-class StarUnavailable(RuntimeError):
-    """A rank of the Star Attention group is gone (exited, hung past the timeout, or its link broke)."""
-
-
 class RankGroup(Protocol):
-    """What the backend needs from the ranks it runs with (engine/star_group.py implements it)."""
+    """What the backend needs from the ranks it runs with (`distributed/star_group.py` implements it)."""
 
     rank: int
     world_size: int
 
     def check(self) -> None:
-        """Raise StarUnavailable if the group can no longer run a step."""
+        """Raise BackendUnavailable if the group can no longer run a step."""
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t`, stacked rank-major: `[world_size, *t.shape]`."""
@@ -95,38 +92,42 @@ class StarLayout:
         """The rank that keeps each position's KV."""
         return torch.where(pos < self.context_len, (pos // self.block) % self.world, QUERY_RANK)
 
-    def rows(self, rank: int, start: int, end: int, anchor_done: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoded_anchor(self, rank: int, start: int) -> bool:
+        """Whether a worker rank has encoded the anchor before a chunk starting at `start`: it does so with its first
+        context block, block `rank`, which the chunks before `start` reached if they passed its start."""
+        return rank != QUERY_RANK and rank * self.block < min(start, self.context_len)
+
+    def rows(self, rank: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions rank `rank` runs of the chunk `[start, end)`, and which of them it writes to its cache:
         its context blocks (behind the anchor, on a rank that has not encoded it yet) and every query row."""
         pos = torch.arange(start, end)
         query = pos >= self.context_len
         mine = (self.owner(pos) == rank) & ~query
-        if rank != QUERY_RANK and not anchor_done and bool(mine.any()):
+        if rank != QUERY_RANK and not self.encoded_anchor(rank, start) and bool(mine.any()):
             pos = torch.cat([torch.arange(self.anchor), pos])
             query = torch.cat([torch.zeros(self.anchor, dtype=torch.bool), query])
             mine = torch.cat([torch.ones(self.anchor, dtype=torch.bool), mine])
         keep = mine | query
         return pos[keep], (mine | (query & (rank == QUERY_RANK)))[keep]
 
-    def blocks_written(self, rank: int, start: int, end: int, anchor_done: bool, cache_block: int) -> set[int]:
+    def blocks_written(self, rank: int, start: int, end: int, cache_block: int) -> set[int]:
         """Block-table entries rank `rank` writes for the chunk: all a worker allocates for it."""
-        pos, writes = self.rows(rank, start, end, anchor_done)
+        pos, writes = self.rows(rank, start, end)
         return set((pos[writes] // cache_block).tolist())
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
-    """Packed rows `[start, end)` at consecutive positions, over the keys of position ranges `ranges` (gathered
-    in order), the first `offset` keys visible to every row and the rest causally."""
+    """Packed rows `[start, end)` at consecutive positions: a run of one context block (phase 1), or of query rows
+    on one rank (exact and causal)."""
 
     start: int
     end: int
-    ranges: list[tuple[int, int]]
     block_table: torch.Tensor
-    offset: int
+    plan: PrefillPlan
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One sharded sequence's phase-2 rows `[start, end)`: this rank's KV blocks and which keys each row sees."""
 
@@ -136,13 +137,22 @@ class Shard:
     visible: torch.Tensor  # [rows, blocks * block_size]
 
 
+@dataclass(frozen=True, slots=True)
+class StarMeta:
+    segments: list[Segment]
+    decode: DecodeRows | None  # unsharded decodes: exact
+    shards: list[Shard]
+    write: torch.Tensor | None  # the batch rows whose K/V this rank keeps; None: all
+
+
 @register_backend
-class StarBackend(DenseBackend):
+class StarBackend(AttentionBackend[StarMeta]):
     name = "star"
     Params = StarParams
     # Context KV differs from dense and depends on the request's context/query split, which the prefix cache
     # cannot see in the tokens.
     capabilities = Capabilities(prefix_caching=False)
+    chat_query_param = "query_tokens"
 
     group: RankGroup | None = None
 
@@ -166,23 +176,23 @@ class StarBackend(DenseBackend):
         if self.group is not None:
             self.group.check()
 
-    def select_rows(self, step: SeqStep) -> torch.Tensor | None:
+    def select_rows(self, step: SeqStep[StarParams, None]) -> torch.Tensor | None:
         lay = self.layout(step.params, step.prompt_len)
         if not lay.sharded:
             return None
         self.group.check()
-        end = step.num_cached + step.query_len
-        pos, writes = lay.rows(self.rank, step.num_cached, end, step.state.get("anchor_done", False))
-        step.state["anchor_done"] = step.state.get("anchor_done", False) or bool(writes.any())
-        step.state["writes"], step.state["end"] = writes, end
-        return pos
+        return lay.rows(self.rank, step.num_computed_tokens, step.end)[0]
 
-    def prepare(self, batch: BackendBatch) -> None:
+    def prepare(self, batch: BackendBatch[StarMeta]) -> StarMeta:
         segments, decodes, shards, writes = [], [], [], []
         for seq in batch.seqs:
             lay = self.layout(seq.params, seq.prompt_len)
-            pos = seq.positions if seq.positions is not None else torch.arange(seq.num_cached, seq.context_len)
-            writes.append(seq.state["writes"] if lay.sharded else torch.ones(len(pos), dtype=torch.bool))
+            if lay.sharded:
+                pos, write = lay.rows(self.rank, seq.num_computed_tokens, seq.end)
+            else:
+                pos = torch.arange(seq.num_computed_tokens, seq.context_len)
+                write = torch.ones(len(pos), dtype=torch.bool)
+            writes.append(write)
             if seq.phase is Phase.DECODE and not lay.sharded:
                 decodes.append(seq)
                 continue
@@ -191,26 +201,24 @@ class StarBackend(DenseBackend):
             if n_ctx < len(pos):
                 shards.append(self._shard(seq, pos, n_ctx, lay))
         write = torch.cat(writes) if writes else torch.zeros(0, dtype=torch.bool)
-        batch.meta.update(segments=segments, decode=self.decode_rows(decodes), shards=shards,
-                          write=None if bool(write.all()) else write.nonzero().squeeze(1))
+        return StarMeta(segments, exact_decode_rows(decodes, self.spec), shards,
+                        None if bool(write.all()) else write.nonzero().squeeze(1))
 
     def _segments(self, seq: SeqStep, pos: torch.Tensor, lay: StarLayout) -> list[Segment]:
-        """Runs of rows in one context block (phase 1), or of query rows on one rank (exact and causal)."""
+        """Runs of rows in one context block (phase 1: the anchor, then the block causally), or of query rows on
+        one rank (everything before them, causally)."""
         out: list[Segment] = []
         if not len(pos):
             return out
         kind = torch.where(pos < lay.context_len, pos // lay.block, -1)
         breaks = ((kind.diff() != 0) | (pos.diff() != 1)).nonzero().squeeze(1) + 1
         bounds = [0, *breaks.tolist(), len(pos)]
+        dtype, device = self.kv.spec.dtype, self.kv.device
         for s, e in zip(bounds, bounds[1:]):
-            first, last = int(pos[s]), int(pos[e - 1]) + 1
-            block = int(kind[s])
-            if block <= 0:
-                ranges, offset = [(0, last)], first
-            else:
-                start = block * lay.block
-                ranges, offset = [(0, lay.anchor), (start, last)], lay.anchor + first - start
-            out.append(Segment(seq.query_start + s, seq.query_start + e, ranges, seq.block_table, offset))
+            first, block = int(pos[s]), int(kind[s])
+            ranges = dict(sinks=lay.anchor, lo=block * lay.block) if block > 0 else {}
+            plan = prefill_plan(first, e - s, dtype=dtype, device=device, **ranges)
+            out.append(Segment(seq.query_start + s, seq.query_start + e, seq.block_table, plan))
         return out
 
     def _shard(self, seq: SeqStep, pos: torch.Tensor, n_ctx: int, lay: StarLayout) -> Shard:
@@ -223,24 +231,22 @@ class StarBackend(DenseBackend):
         visible = (lay.owner(kpos) == self.rank) & (kpos.unsqueeze(0) <= qpos.unsqueeze(1))
         return Shard(seq.query_start + n_ctx, seq.query_start + len(pos), seq.block_table[blocks], visible)
 
-    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch) -> None:
-        keep = batch.meta["write"]
-        if keep is None:
-            return super().store_kv(layer, k, v, batch)
-        self.kv.write(layer, k[:, keep].transpose(0, 1), v[:, keep].transpose(0, 1), batch.slot_mapping[keep])
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[StarMeta],
                 scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v, batch)
+        meta, kc, vc = batch.meta, self.kv.k[layer], self.kv.v[layer]
+        if meta.write is None:
+            self.store_kv(layer, k, v, batch.slot_mapping)
+        else:
+            keep = meta.write
+            write_kv(kc, vc, k[:, keep].transpose(0, 1), v[:, keep].transpose(0, 1), batch.slot_mapping[keep])
         out = torch.empty_like(q)
-        for seg in batch.meta["segments"]:
-            keys = [gather_range(self.kv, layer, seg.block_table, s, e) for s, e in seg.ranges]
-            kc, vc = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*keys))
-            out[:, seg.start : seg.end] = prefill_attention(q[:, seg.start : seg.end], kc, vc, seg.offset, scale)
-        if batch.meta["decode"] is not None:
-            self.decode(layer, q, batch.meta["decode"], scale, out)
-        if batch.meta["shards"]:
-            self._merge_shards(layer, q, batch.meta["shards"], scale, out)
+        for seg in meta.segments:
+            out[:, seg.start : seg.end] = paged_prefill(q[:, seg.start : seg.end], kc, vc, seg.block_table, seg.plan,
+                                                        scale)
+        if meta.decode is not None:
+            attend_decode(out, q, kc, vc, meta.decode.rows, meta.decode.plans[None], scale)
+        if meta.shards:
+            self._merge_shards(layer, q, meta.shards, scale, out)
         return out
 
     def _merge_shards(self, layer: int, q: torch.Tensor, shards: list[Shard], scale: float, out: torch.Tensor
@@ -248,7 +254,8 @@ class StarBackend(DenseBackend):
         """Every rank's (output, LSE) over the KV it holds, gathered and merged: exact attention over all ranks."""
         parts = []
         for sh in shards:
-            kb, vb = (t.flatten(0, 1).transpose(0, 1) for t in self.kv.gather(layer, sh.blocks))
+            kb, vb = (take_blocks(c, sh.blocks).flatten(0, 1).transpose(0, 1) for c in (self.kv.k[layer],
+                                                                                         self.kv.v[layer]))
             o, lse = attention_with_lse(q[:, sh.start : sh.end], kb, vb, sh.visible, scale)
             parts.append(torch.cat([o, lse.unsqueeze(-1)], dim=-1))
         gathered = self.group.all_gather(torch.cat(parts, dim=1))  # [world, H_q, rows, D + 1]
@@ -259,18 +266,16 @@ class StarBackend(DenseBackend):
             out[:, sh.start : sh.end] = merged[:, row : row + n].to(out.dtype)
             row += n
 
-    def blocks_to_release(self, seq: SeqStep) -> list[int]:
+    def blocks_to_release(self, step: SeqStep[StarParams, None]) -> list[int]:
         """Sharded: rank 0 gives back the table entries of other ranks' context blocks (it never writes them); a
-        worker drops the anchor it encoded once the whole context is encoded."""
-        lay = self.layout(seq.params, seq.prompt_len)
+        worker drops the anchor it encoded once the whole context is encoded, in the step that completes it."""
+        lay = self.layout(step.params, step.prompt_len)
         if not lay.sharded:
             return []
-        bs, end = self.spec.block_size, seq.state["end"]
+        bs, start, end, ctx = self.spec.block_size, step.num_computed_tokens, step.end, lay.context_len
         if self.rank == QUERY_RANK:
-            done = seq.state.get("released", 0)
-            seq.state["released"] = last = min(end, lay.context_len) // bs
-            return [j for j in range(done, last) if (j * bs // lay.block) % lay.world != QUERY_RANK]
-        if not seq.state.get("anchor_done") or seq.state.get("anchor_dropped") or end < lay.context_len:
-            return []
-        seq.state["anchor_dropped"] = True
-        return list(range(lay.anchor // bs))
+            return [j for j in range(min(start, ctx) // bs, min(end, ctx) // bs)
+                    if (j * bs // lay.block) % lay.world != QUERY_RANK]
+        if start < ctx <= end and lay.encoded_anchor(self.rank, end):
+            return list(range(lay.anchor // bs))
+        return []

@@ -21,15 +21,16 @@ simplest choices consistent with it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
 
-from attention_backends.base import AttentionBackend, Capabilities
-from attention_backends.calibrated import CalibratedBackend, CalibratedParams
+from attention_backends.base import Capabilities
+from attention_backends.calibration import CalibratedBackend, CalibratedParams
 from attention_backends.context import BackendBatch, SeqStep
-from attention_backends.kernels.paged import gather_range, sdpa
+from attention_backends.kernels.paged import cdiv, gather_range, sdpa
 from attention_backends.registry import register_backend
 from attention_backends.tca_calibration import TCACalibrator, block_attention, budget_class, redundancy
 
@@ -49,11 +50,28 @@ class Budgets:
     thresholds: torch.Tensor  # [layers, H_kv, m - 1], descending redundancy thresholds
 
 
+@dataclass(slots=True)
+class TCAState:
+    """One sequence's compaction: positions before `frontier` are compacted into its region."""
+
+    rows: list[list[torch.Tensor]]  # per (layer, KV head): rows of `k_all.view(-1, D)` holding its kept tokens
+    spare: list[list[list[int]]]  # per (layer, KV head): rows left free in its last head page
+    frontier: int = 0
+    region: list[int] = field(default_factory=list)  # block-table indices whose blocks hold head pages
+    free: deque[torch.Tensor] = field(default_factory=deque)  # head pages no (layer, head) has taken yet
+
+
+@dataclass(frozen=True, slots=True)
+class TCAMeta:
+    # Blocks that complete in this step: (sequence, batch rows of their last queries, their block ids).
+    completed: list[tuple[SeqStep, torch.Tensor, torch.Tensor]]
+
+
 @register_backend
-class TCABackend(CalibratedBackend, AttentionBackend):
+class TCABackend(CalibratedBackend[TCAMeta]):
     name = "tca"
     Params = TCAParams
-    capabilities = Capabilities(exact=False, prefix_caching=False, releases_blocks=True, needs_calibration=True)
+    capabilities = Capabilities(exact=False, prefix_caching=False)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -71,38 +89,34 @@ class TCABackend(CalibratedBackend, AttentionBackend):
             raise ValueError(f"the TCA artifact's thresholds are {tuple(thr.shape)}, this model needs {want}")
         return Budgets(thr.to(self.kv.device, torch.float32))
 
-    def prepare(self, batch: BackendBatch) -> None:
+    def new_state(self, params: TCAParams) -> TCAState:
+        heads, layers = range(self.spec.num_kv_heads), range(self.spec.num_layers)
+        return TCAState(rows=[[torch.zeros(0, dtype=torch.long) for _ in heads] for _ in layers],
+                        spare=[[[] for _ in heads] for _ in layers])
+
+    def prepare(self, batch: BackendBatch[TCAMeta]) -> TCAMeta:
         bs = self.spec.block_size
-        completed = []  # (seq, batch rows of the blocks' last queries, their block ids)
+        completed = []
         for s in batch.seqs:
-            if not s.state:
-                s.state.update(frontier=0, region=[], free=[], rows=self._per_head(torch.zeros(0, dtype=torch.long)),
-                               spare=self._per_head(None))
-            first, last = -(-(s.num_cached + 1) // bs), s.context_len // bs  # blocks whose last token is in
+            first, last = cdiv(s.num_computed_tokens + 1, bs), s.context_len // bs  # blocks whose last token is in
             if last >= first:
                 blocks = torch.arange(first - 1, last)
-                rows = s.query_start + (blocks + 1) * bs - 1 - s.num_cached
+                rows = s.query_start + (blocks + 1) * bs - 1 - s.num_computed_tokens
                 completed.append((s, rows, s.block_table[blocks]))
-        batch.meta["completed"] = completed
+        return TCAMeta(completed)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[TCAMeta],
                 scale: float) -> torch.Tensor:
-        self.store_kv(layer, k, v, batch)
-        for seq, rows, blocks in batch.meta["completed"]:
+        self.store_kv(layer, k, v, batch.slot_mapping)
+        for seq, rows, blocks in batch.meta.completed:
             self.decide(layer, q[:, rows], blocks, self.artifact(seq.params), scale)
         out = torch.empty_like(q)
         for seq in batch.seqs:
             region = self.region(layer, seq)
             for t0 in range(0, seq.query_len, TILE):
                 n = min(TILE, seq.query_len - t0)
-                self.attend(layer, q, seq, region, seq.query_start + t0, seq.num_cached + t0, n, scale, out)
+                self.attend(layer, q, seq, region, seq.query_start + t0, seq.num_computed_tokens + t0, n, scale, out)
         return out
-
-    def _per_head(self, value: torch.Tensor | None) -> list[list]:
-        """Per (layer, KV head): `rows` of `k_all.view(-1, D)` holding its region tokens, or `spare` rows (a list)
-        left in its last head page."""
-        hkv = self.spec.num_kv_heads
-        return [[value if value is not None else [] for _ in range(hkv)] for _ in range(self.spec.num_layers)]
 
     def decide(self, layer: int, probe: torch.Tensor, blocks: torch.Tensor, budgets: Budgets, scale: float) -> None:
         """Keep masks of just-completed blocks, from their last queries `probe` `[H_q, N, D]`."""
@@ -112,10 +126,10 @@ class TCABackend(CalibratedBackend, AttentionBackend):
         keep = a.argsort(-1, descending=True).argsort(-1) < budget.unsqueeze(-1)  # [H_kv, N, bs]
         self.keep.data[layer, dev] = keep.permute(1, 2, 0)
 
-    def region(self, layer: int, seq: SeqStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def region(self, layer: int, seq: SeqStep[TCAParams, TCAState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's region tokens per KV head, padded to the longest: K and V `[H_kv, C, D]`, and which of
         them each query head sees `[H_q, C]`."""
-        rows = seq.state["rows"][layer]
+        rows = seq.state.rows[layer]
         n = max(len(r) for r in rows)
         padded = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows]).to(self.kv.device)
         valid = torch.arange(n) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
@@ -123,26 +137,26 @@ class TCABackend(CalibratedBackend, AttentionBackend):
         kr, vr = (t.view(-1, d)[padded] for t in (self.kv.k_all, self.kv.v_all))
         return kr, vr, valid.to(self.kv.device).repeat_interleave(self.spec.num_heads // self.spec.num_kv_heads, 0)
 
-    def attend(self, layer: int, q: torch.Tensor, seq: SeqStep, region: tuple[torch.Tensor, ...], start: int,
-               pos: int, n: int, scale: float, out: torch.Tensor) -> None:
+    def attend(self, layer: int, q: torch.Tensor, seq: SeqStep[TCAParams, TCAState], region: tuple[torch.Tensor, ...],
+               start: int, pos: int, n: int, scale: float, out: torch.Tensor) -> None:
         """Rows `start..start+n` (positions `pos..`): kept region tokens per KV head, then every token from
         the frontier on, causally."""
-        (kr, vr, kept), frontier = region, seq.state["frontier"]
-        kp, vp = gather_range(self.kv, layer, seq.block_table, frontier, pos + n)
+        (kr, vr, kept), frontier = region, seq.state.frontier
+        kp, vp = gather_range(self.kv.k[layer], self.kv.v[layer], seq.block_table, frontier, pos + n)
         kpos = torch.arange(frontier, pos + n, device=kept.device)
         causal = kpos <= torch.arange(pos, pos + n, device=kept.device).unsqueeze(1)  # [n, L - frontier]
         mask = torch.cat([kept.unsqueeze(1).expand(-1, n, -1), causal.expand(len(kept), -1, -1)], -1)
         out[:, start : start + n] = sdpa(q[:, start : start + n], torch.cat([kr, kp], 1), torch.cat([vr, vp], 1),
                                          scale, mask=mask)
 
-    def blocks_to_release(self, seq: SeqStep) -> list[int]:
+    def blocks_to_release(self, step: SeqStep[TCAParams, TCAState]) -> list[int]:
         """Compact the blocks that left the local window; give back those the region did not absorb."""
-        st, bs, hkv, layers = seq.state, self.spec.block_size, self.spec.num_kv_heads, self.spec.num_layers
-        frontier = max(st["frontier"], ((seq.num_cached - 1) // bs - seq.params.local_blocks + 1) * bs)
-        if frontier <= st["frontier"]:
+        st, bs, hkv, layers = step.state, self.spec.block_size, self.spec.num_kv_heads, self.spec.num_layers
+        frontier = max(st.frontier, ((step.end - 1) // bs - step.params.local_blocks + 1) * bs)
+        if frontier <= st.frontier:
             return []
-        indices = list(range(st["frontier"] // bs, frontier // bs))
-        slots = (seq.block_table[indices].unsqueeze(1) * bs + torch.arange(bs)).flatten()
+        indices = list(range(st.frontier // bs, frontier // bs))
+        slots = (step.block_table[indices].unsqueeze(1) * bs + torch.arange(bs)).flatten()
         moved = []  # per (layer, head): the rows of the tokens it keeps, and their K/V, read before any write
         for layer in range(layers):
             keep = self.keep.data[layer].view(-1, hkv)[slots.to(self.kv.device)].cpu()  # [tokens, H_kv]
@@ -150,21 +164,21 @@ class TCABackend(CalibratedBackend, AttentionBackend):
                 rows = ((layer * self.kv.num_blocks * bs + slots[keep[:, h]]) * hkv + h).to(self.kv.device)
                 moved.append((layer, h, self.kv.k_all.view(-1, self.spec.head_dim)[rows],
                               self.kv.v_all.view(-1, self.spec.head_dim)[rows]))
-        pages = sum(max(0, -(-(len(kk) - len(st["spare"][layer][h])) // bs)) for layer, h, kk, _ in moved)
-        absorbed = indices[: max(0, -(-(pages - len(st["free"])) // (layers * hkv)))]
-        st["region"].extend(absorbed)
+        pages = sum(max(0, cdiv(len(kk) - len(st.spare[layer][h]), bs)) for layer, h, kk, _ in moved)
+        absorbed = indices[: max(0, cdiv(pages - len(st.free), layers * hkv))]
+        st.region.extend(absorbed)
         for i in absorbed:  # a head page: rows of slots 0..bs-1 of one (plane, block, head)
-            block = int(seq.block_table[i])
-            st["free"].extend(((plane * self.kv.num_blocks + block) * bs + torch.arange(bs)) * hkv + h
-                              for plane in range(layers) for h in range(hkv))
+            block = int(step.block_table[i])
+            st.free.extend(((plane * self.kv.num_blocks + block) * bs + torch.arange(bs)) * hkv + h
+                           for plane in range(layers) for h in range(hkv))
         for layer, h, kk, vv in moved:
-            spare = st["spare"][layer][h]
+            spare = st.spare[layer][h]
             while len(spare) < len(kk):
-                spare.extend(st["free"].pop(0).tolist())
+                spare.extend(st.free.popleft().tolist())
             dst = torch.tensor(spare[: len(kk)], dtype=torch.long)
             del spare[: len(kk)]
-            st["rows"][layer][h] = torch.cat([st["rows"][layer][h], dst])
+            st.rows[layer][h] = torch.cat([st.rows[layer][h], dst])
             self.kv.k_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = kk
             self.kv.v_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = vv
-        st["frontier"] = frontier
+        st.frontier = frontier
         return indices[len(absorbed):]

@@ -21,9 +21,9 @@ import time
 import torch
 from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from attention_backends.calibrated import CalibratedBackend
+from attention_backends.calibration import CalibratedBackend
 from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep
-from attention_backends.kernels.paged import context_slots
+from attention_backends.kernels.paged import context_slots, write_kv
 from attention_backends.registry import get_backend_class, validate_params
 from attention_backends.tca import TCABackend
 from attention_backends.tca_calibration import block_attention, redundancy
@@ -52,10 +52,17 @@ def make(name: str, params: dict, hq: int, hkv: int, d: int, tokens: int):
 TCA_SHARES = torch.tensor([0.109, 0.074, 0.168, 0.364, 0.285])
 
 
-def prime(backend, params, table: torch.Tensor, n: int) -> dict:
+def step_of(params, table: torch.Tensor, start: int, n: int, prompt_len: int, state) -> SeqStep:
+    phase = Phase.DECODE if n == 1 and start >= prompt_len else Phase.PREFILL
+    return SeqStep(request_id="r", phase=phase, query_start=0, query_len=n, num_computed_tokens=start,
+                   num_new_tokens=n, prompt_len=prompt_len, block_table=table, params=params, state=state)
+
+
+def prime(backend, params, table: torch.Tensor, n: int):
     """The per-sequence state a backend would have built over n cached tokens."""
+    state = backend.new_state(params)
     if not isinstance(backend, TCABackend):
-        return {}
+        return state
     g, spec = torch.Generator().manual_seed(1), backend.spec
     nb, hkv = n // BS, spec.num_kv_heads
     probe = torch.randn(spec.num_heads, nb, spec.head_dim, generator=g)
@@ -64,20 +71,15 @@ def prime(backend, params, table: torch.Tensor, n: int) -> dict:
     cum = TCA_SHARES.cumsum(0)[:-1]
     backend.load_calibration(params, {"thresholds": torch.quantile(red, 1 - cum, dim=1).T[None]})
     backend.decide(0, probe, table[:nb], backend.artifact(params), scale)
-    step = SeqStep("r", Phase.PREFILL, 0, n, 0, n, table, params, {})
-    backend.prepare(BackendBatch([step], context_slots(table, 0, n, BS), None))  # the sequence's state
-    step.num_cached = n
-    backend.blocks_to_release(step)
-    return step.state
+    backend.blocks_to_release(step_of(params, table, 0, n, n, state))  # compacts the context
+    return state
 
 
-def run_step(backend, params, table: torch.Tensor, start: int, n: int, prompt_len: int, q, k, v,
-             state: dict | None = None) -> float:
-    phase = Phase.DECODE if n == 1 and start >= prompt_len else Phase.PREFILL
-    seq = SeqStep("r", phase, 0, n, start, prompt_len, table, params, {} if state is None else state)
-    batch = BackendBatch([seq], context_slots(table, start, start + n, BS), None)
+def run_step(backend, params, table: torch.Tensor, start: int, n: int, prompt_len: int, q, k, v, state) -> float:
+    batch = BackendBatch([step_of(params, table, start, n, prompt_len, state)],
+                         context_slots(table, start, start + n, BS), None)
     t0 = time.perf_counter()
-    backend.prepare(batch)
+    batch.meta = backend.prepare(batch)
     backend.forward(0, q, k, v, batch, q.shape[-1] ** -0.5)
     return time.perf_counter() - t0
 
@@ -88,7 +90,8 @@ def time_prefill(name: str, params: dict, geometry: tuple[int, int, int], n: int
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(h, n, d, generator=g) for h in (hq, hkv, hkv))
     table = torch.arange(1, math.ceil(n / BS) + 1)
-    return statistics.median(run_step(backend, p, table, 0, n, n, q, k, v) for _ in range(repeats))
+    return statistics.median(run_step(backend, p, table, 0, n, n, q, k, v, backend.new_state(p))
+                             for _ in range(repeats))
 
 
 def time_decode(name: str, params: dict, geometry: tuple[int, int, int], n: int, repeats: int) -> float:
@@ -96,12 +99,12 @@ def time_decode(name: str, params: dict, geometry: tuple[int, int, int], n: int,
     backend, p, kv = make(name, params, hq, hkv, d, n + 1)
     g = torch.Generator().manual_seed(n)
     table = torch.arange(1, math.ceil((n + 1) / BS) + 1)
-    kv.write(0, torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g),
+    write_kv(kv.k[0], kv.v[0], torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g),
              context_slots(table, 0, n, BS))
     q, k, v = (torch.randn(h, 1, d, generator=g) for h in (hq, hkv, hkv))
     state = prime(backend, p, table, n)
-    if state:
-        kept = sum(len(r) for r in state["rows"][0]) / backend.spec.num_kv_heads
+    if isinstance(backend, TCABackend):
+        kept = sum(len(r) for r in state.rows[0]) / backend.spec.num_kv_heads
         print(f"<!-- {name} keeps {kept / n:.3f} of {n} cached tokens per KV head -->", flush=True)
     run_step(backend, p, table, n, 1, n, q, k, v, state)  # warm-up: side tables of the whole context
     return statistics.median(run_step(backend, p, table, n, 1, n, q, k, v, state) for _ in range(repeats))

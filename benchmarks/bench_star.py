@@ -23,10 +23,10 @@ import time
 import torch
 from common import FILLER, passkey_row, random_prompt
 
+from distributed.star_group import StarGroup
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.star_group import StarGroup
 
 STAR = {"block_size": 2048}
 CONFIG = EngineConfig(max_model_len=8192, kv_cache_memory=1.0, max_num_batched_tokens=4096,
@@ -137,8 +137,7 @@ def main() -> None:
         return
     group = StarGroup.launch(CONFIG, 2, timeout=600)
     try:
-        ranked = LLMEngine(CONFIG, loaded=single.loaded, star_group=group)
-        group.ready()
+        ranked = LLMEngine(CONFIG, loaded=single.loaded, hooks=[group])
         for engine in (single, ranked):  # warm-up
             engine.generate([random_prompt(4500, 0)], SamplingParams(max_tokens=2), attention_backend="star",
                             attention_params=STAR)

@@ -6,21 +6,22 @@ import hashlib
 import itertools
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from attention_backends.base import AttentionBackend
-from attention_backends.calibrated import CalibratedBackend
+from attention_backends.base import AttentionBackend, BackendUnavailable, NoParams
+from attention_backends.calibration import CalibratedBackend, CalibrationModel, obtain
 from attention_backends.context import AttentionSpec
+from attention_backends.kernels.paged import cdiv
 from attention_backends.registry import BackendError, validate_params
-from attention_backends.star import StarBackend, StarUnavailable
-from engine import calibration
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.hooks import EngineHook
 from engine.model_loader import LoadedModel, layer_windows, load_model
 from engine.model_runner import ModelRunner, StepResult
 from engine.sampler import Sampler, TokenLogprobs
@@ -30,9 +31,6 @@ from engine.sequence import Sequence, SequenceStatus
 from kv_cache.block_pool import BlockPool, PoolUsage
 from kv_cache.manager import KVCacheManager
 from kv_cache.paged_kv import KVSpec, PagedKVCache
-
-if TYPE_CHECKING:
-    from engine.star_group import StarGroup
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +44,8 @@ class EngineStepError(RuntimeError):
 
     @property
     def unavailable(self) -> bool:
-        """The request needed something the server has lost (a Star Attention rank): a 503, not a 500."""
-        return isinstance(self.cause, StarUnavailable)
+        """The request needed something the server has lost (a rank of a backend's group): a 503, not a 500."""
+        return isinstance(self.cause, BackendUnavailable)
 
 
 class ContextLengthError(ValueError):
@@ -84,7 +82,7 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
-                 star_group: StarGroup | None = None) -> None:
+                 hooks: Iterable[EngineHook] = ()) -> None:
         self.config = config = config or EngineConfig()
         self.loaded = loaded or load_model(config.model, config.device, dtype=config.dtype)
         hf = self.loaded.config
@@ -110,12 +108,8 @@ class LLMEngine:
         spec = AttentionSpec(hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, head_dim,
                              self.max_model_len, config.block_size, layer_windows(hf))
         self.runner = ModelRunner(self.loaded.model, self.kv, spec)
-        self.star = star_group  # the ranks `star` requests shard their context over; None: this process alone
-        if star_group is not None:
-            star = self.runner.backend(StarBackend.name)
-            assert isinstance(star, StarBackend)
-            star.attach(star_group)
-            star_group.pool_blocks = num_blocks
+        self.calibration = CalibrationModel(config.model, self.loaded.fingerprint, self.tokenizer.encode,
+                                            self._dense_pass)
         eos = self.loaded.model.generation_config.eos_token_id or hf.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.sampler = Sampler(self.eos_token_ids, config.seed)
@@ -125,6 +119,9 @@ class LLMEngine:
         self.step_errors: dict[str, Exception] = {}  # requests that failed in a step, until the caller takes them
         self._ids = itertools.count()
         self._calibration_lock = threading.Lock()
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.attach(self)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -168,11 +165,14 @@ class LLMEngine:
                                                  sampling.include_stop_str_in_output, sampling.skip_special_tokens)
         return seq
 
+    def backend(self, name: str) -> AttentionBackend:
+        """The engine's instance of a backend (made on first use)."""
+        return self.runner.backend(name)
+
     def backend_ready(self, backend: str, params: BaseModel) -> bool:
         """Whether `prepare_backend` would return at once (no artifact to load or make)."""
         impl = self.runner.backends.get(backend)
-        return impl is not None and (not isinstance(impl, CalibratedBackend) or impl.artifact_key(params) in
-                                     impl.artifacts)
+        return impl is not None and (not isinstance(impl, CalibratedBackend) or impl.has_artifact(params))
 
     def prepare_backend(self, backend: str, params: BaseModel, calibrate: bool = True) -> AttentionBackend:
         """Build the backend (so one that cannot be built fails here), check the params against the model, and
@@ -180,15 +180,24 @@ class LLMEngine:
         impl = self.runner.backend(backend)
         try:
             impl.check(params)
-            if isinstance(impl, CalibratedBackend) and impl.artifact_key(params) not in impl.artifacts:
+            if isinstance(impl, CalibratedBackend) and not impl.has_artifact(params):
                 with self._calibration_lock:  # request threads may arrive together; calibrate once
-                    if impl.artifact_key(params) not in impl.artifacts:
-                        tensors = calibration.obtain(self.loaded, impl, params, self.config.model, calibrate)
+                    if not impl.has_artifact(params):
+                        tensors = obtain(self.calibration, impl, params, calibrate)
                         if tensors is not None:
                             impl.load_calibration(params, tensors)
         except ValueError as e:
             raise BackendError(f"attention_params for {backend!r}: {e}") from e
         return impl
+
+    def _dense_pass(self, ids: list[int]) -> None:
+        """One dense prefill of `ids` over a scratch cache of its own (what calibration observes)."""
+        bs = self.kv.spec.block_size
+        blocks = cdiv(len(ids), bs)
+        runner = ModelRunner(self.loaded.model, PagedKVCache(self.kv.spec, blocks + 1, self.kv.device),
+                             self.runner.spec)
+        seq = Sequence("calibration", ids, SamplingParams(max_tokens=1), "dense", NoParams(), len(ids) + 1)
+        runner.run([(seq, len(ids))], {"calibration": list(range(1, blocks + 1))})
 
     def enqueue(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -202,8 +211,8 @@ class LLMEngine:
             return False
         seq.status = SequenceStatus.FINISHED_ABORTED
         self.scheduler.remove(seq)
-        if self.star is not None:
-            self.star.release_finished(self.requests)
+        for hook in self.hooks:
+            hook.on_abort()
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -211,6 +220,10 @@ class LLMEngine:
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()
+
+    def free(self, request_id: str) -> None:
+        """Give back every block a request holds (a worker rank, told that rank 0's request is gone)."""
+        self.kv_manager.free(request_id)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -221,17 +234,18 @@ class LLMEngine:
         block_tables = {seq.request_id: self.kv_manager.block_table(seq.request_id) for seq, _ in sched.scheduled}
         scheduled = sched.scheduled
         try:
-            if self.star is not None:
-                later, never = self.star.dispatch(scheduled, self.requests, self.kv_manager.block_size)
-                for seq in later:  # a worker's pool is full: run it again once blocks free up
+            for hook in self.hooks:
+                veto = hook.before_step(scheduled)
+                for seq in veto.later:
                     self.scheduler.preempt(seq)
-                for seq, exc in never:
+                for seq, exc in veto.failed:
                     self._fail(seq, exc)
-                scheduled = [(s, n) for s, n in scheduled if s not in later and s.request_id in self.requests]
+                if veto.later or veto.failed:
+                    scheduled = [(s, n) for s, n in scheduled if s not in veto.later and s.request_id in self.requests]
             results = [self.runner.run(scheduled, block_tables)]
         except Exception as exc:
-            if self.star is not None:
-                self.star.step_failed(exc)
+            for hook in self.hooks:
+                hook.on_failure(exc)
             scheduled, results = self._isolate_failures(scheduled, block_tables)
         sampling = [seq for seq, n in scheduled if seq.num_computed_tokens + n == seq.num_tokens]
         logits = results[0].logits if len(results) == 1 else torch.cat([r.logits for r in results]) if results else None
@@ -243,24 +257,33 @@ class LLMEngine:
                                                   seq.cache_salt)
         outputs = [self._append(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, logprobs)]
         self.release_blocks(results)
-        if self.star is not None:
-            self.star.release_finished(self.requests)
+        for hook in self.hooks:
+            hook.after_step()
         return outputs
 
     def release_blocks(self, results: list[StepResult]) -> None:
         """After a step: give back the blocks each backend says its sequences will never read again."""
         for seq, step in (step for r in results for step in r.steps):
             if not seq.is_finished:
-                step.num_cached += step.query_len  # the step's KV is in the cache now
                 release = self.runner.backends[seq.backend].blocks_to_release(step)
                 if release:
                     self.kv_manager.release(seq.request_id, release)
 
+    def run_planned(self, chunks: list[tuple[Sequence, int, Iterable[int]]]) -> None:
+        """Run a step another rank scheduled: each sequence's `n` tokens from its num_computed_tokens, with only the
+        given block-table entries backed by blocks of this rank's pool (a rank that holds part of a sequence's KV).
+        Raises MemoryError when the pool cannot back them."""
+        for seq, n, entries in chunks:
+            if not self.kv_manager.allocate_at(seq.request_id, seq.num_computed_tokens + n, entries):
+                raise MemoryError(f"no KV blocks left for request {seq.request_id}")
+        tables = {seq.request_id: self.kv_manager.block_table(seq.request_id) for seq, _, _ in chunks}
+        self.release_blocks([self.runner.run([(seq, n) for seq, n, _ in chunks], tables)])
+
     def _isolate_failures(self, scheduled: list[tuple[Sequence, int]], block_tables: dict[str, list[int]]
                           ) -> tuple[list[tuple[Sequence, int]], list[StepResult]]:
         """A step failed: rerun its sequences one by one, so the one that fails fails alone. The failed ones
-        are finished with status error and listed in `step_errors`; nothing of the step was committed, so
-        the others simply go on."""
+        are finished with status error and listed in `step_errors`; nothing of the step was committed (backends
+        commit state after a step, never in `prepare`), so the others simply go on."""
         kept, results = [], []
         for seq, n in scheduled:
             try:

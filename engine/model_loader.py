@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig  # noqa: E402
 
+from attention_backends.calibration import cache_dir  # noqa: E402
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,8 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     config: PretrainedConfig
-    name: str  # what /v1/models would show as its root
     path: Path  # the directory the weights were loaded from
     fingerprint: str  # identifies the weights, for calibration artifacts
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LONGSERVE_CACHE", Path.home() / ".cache" / "longserve"))
 
 
 def embedded_gguf_path() -> Path:
@@ -61,10 +57,10 @@ def embedded_gguf_path() -> Path:
     return files[0]
 
 
-def resolve_model_dir(model: str | None, progress: bool = True) -> tuple[Path, str]:
+def resolve_model_dir(model: str | None, progress: bool = True) -> Path:
     """The local HF directory to load for `model`, converting a GGUF file first if needed."""
     if model in (None, "", EMBEDDED_NAME):
-        return convert_gguf(embedded_gguf_path(), progress), EMBEDDED_NAME
+        return convert_gguf(embedded_gguf_path(), progress)
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(
@@ -74,10 +70,10 @@ def resolve_model_dir(model: str | None, progress: bool = True) -> tuple[Path, s
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{model!r} is a file but not a .gguf file")
-        return convert_gguf(path, progress), path.stem
+        return convert_gguf(path, progress)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{model!r} is a directory without config.json; is it a Hugging Face model directory?")
-    return path, path.name
+    return path
 
 
 def convert_gguf(gguf: Path, progress: bool = True) -> Path:
@@ -186,7 +182,7 @@ def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig) ->
 
 
 def load_model(model: str | None, device: str = "cpu", progress: bool = True, dtype: str = "auto") -> LoadedModel:
-    model_dir, name = resolve_model_dir(model, progress)
+    model_dir = resolve_model_dir(model, progress)
     config = AutoConfig.from_pretrained(model_dir)
     check_config(config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -195,4 +191,4 @@ def load_model(model: str | None, device: str = "cpu", progress: bool = True, dt
         model_dir, dtype=resolve_dtype(dtype, target, config), attn_implementation=ATTN_IMPLEMENTATION
     ).to(target)
     hf_model.eval()
-    return LoadedModel(hf_model, tokenizer, hf_model.config, name, model_dir, fingerprint(model_dir))
+    return LoadedModel(hf_model, tokenizer, hf_model.config, model_dir, fingerprint(model_dir))

@@ -2,12 +2,14 @@
 
 The HF model runs with `use_cache=False`; its attention layers call the function registered in
 `attention_backends.hf_attention`, which reads the step context and the paged cache. The runner takes
-the scheduled work and returns logits, nothing else, so one runner per torch.distributed rank can later
-run the same steps without a rewrite.
+the scheduled work and returns logits, nothing else, so one runner per torch.distributed rank runs the
+same steps. Backends are made here, on first use, under a lock: a request thread may ask for one while the
+engine thread runs.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,6 @@ from kv_cache.paged_kv import PagedKVCache
 @dataclass(slots=True)
 class StepResult:
     logits: torch.Tensor  # [num sequences that sample, vocab], in scheduled order
-    context: StepContext
     steps: list[tuple[Sequence, SeqStep]]
 
 
@@ -35,11 +36,16 @@ class ModelRunner:
         self.spec = spec
         self.device = kv.device
         self.backends: dict[str, AttentionBackend] = {}
+        self._lock = threading.Lock()
 
     def backend(self, name: str) -> AttentionBackend:
-        if name not in self.backends:
-            self.backends[name] = get_backend_class(name)(self.kv, self.spec)
-        return self.backends[name]
+        impl = self.backends.get(name)
+        if impl is None:
+            with self._lock:
+                impl = self.backends.get(name)
+                if impl is None:
+                    impl = self.backends[name] = get_backend_class(name)(self.kv, self.spec)
+        return impl
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]], block_tables: dict[str, list[int]]) -> StepResult:
@@ -52,10 +58,14 @@ class ModelRunner:
         for seq, n in scheduled:
             start, c = len(input_ids), seq.num_computed_tokens
             table = torch.tensor(block_tables[seq.request_id], dtype=torch.long)
-            phase = Phase.DECODE if seq.is_decode(n) else Phase.PREFILL
-            step = SeqStep(seq.request_id, phase, 0, n, c, seq.num_prompt_tokens, table, seq.backend_params,
-                           seq.backend_state)
-            pos = self.backend(seq.backend).select_rows(step)
+            backend = self.backend(seq.backend)
+            if seq.backend_state is None:
+                seq.backend_state = backend.new_state(seq.backend_params)
+            step = SeqStep(request_id=seq.request_id, phase=Phase.DECODE if seq.is_decode(n) else Phase.PREFILL,
+                           query_start=0, query_len=n, num_computed_tokens=c, num_new_tokens=n,
+                           prompt_len=seq.num_prompt_tokens, block_table=table, params=seq.backend_params,
+                           state=seq.backend_state)
+            pos = backend.select_rows(step)
             if pos is None:
                 pos = torch.arange(c, c + n)
                 input_ids.extend(seq.token_ids[c : c + n])
@@ -74,7 +84,7 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 logits_index.append(len(input_ids) - 1)
         if not input_ids:
-            return StepResult(torch.empty(0, self.model.config.vocab_size), StepContext(self.kv, {}, {}), steps)
+            return StepResult(torch.empty(0, self.model.config.vocab_size), steps)
 
         batches = {}
         for name, group in groups.items():
@@ -82,9 +92,9 @@ class ModelRunner:
             if len(groups) > 1:
                 token_index = torch.cat([torch.arange(start, start + s.query_len) for s, _, start in group])
             batch = BackendBatch([s for s, _, _ in group], torch.cat([slots for _, slots, _ in group]), token_index)
-            self.backend(name).prepare(batch)
+            batch.meta = self.backends[name].prepare(batch)
             batches[name] = batch
-        ctx = StepContext(self.kv, batches, {name: self.backends[name] for name in batches})
+        ctx = StepContext(batches, {name: self.backends[name] for name in batches})
 
         with step_context(ctx):
             out = self.model(
@@ -93,4 +103,4 @@ class ModelRunner:
                 use_cache=False,
                 logits_to_keep=torch.tensor(logits_index, dtype=torch.long, device=self.device),
             )
-        return StepResult(out.logits[0], ctx, steps)
+        return StepResult(out.logits[0], steps)

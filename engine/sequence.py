@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
 
@@ -42,10 +43,10 @@ class Sequence:
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None
-    backend_state: dict[str, Any] = field(default_factory=dict)
+    backend_state: Any = None  # the backend's per-sequence state (its `new_state()`), made when it first runs
     cache_salt: bytes | None = None  # prefix-cache namespace; None: dense-identical KV
     prefix_caching: bool = True  # False: its blocks do not hold positions in order (a compacting backend)
-    detokenizer: Any = None  # engine.detokenizer.IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -78,6 +79,6 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         self.num_computed_tokens = 0
-        self.backend_state.clear()
+        self.backend_state = None  # the recompute starts from nothing
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -48,10 +48,6 @@ class PoolUsage:
     def usage(self) -> float:
         return self.used / self.num_blocks if self.num_blocks else 0.0
 
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
-
 
 @dataclass
 class BlockPool:

@@ -6,22 +6,12 @@ is `block_id * block_size + offset`; `slot_mapping` says where each new token's 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from kv_cache.block_pool import BlockPool
-
-
-def take_blocks(t: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """`t[block_ids]` for a per-block tensor (`[num_blocks, ...]`), a view without a copy when the ids are
-    consecutive."""
-    flat = block_ids.flatten()
-    n = flat.numel()
-    if n and int(flat[-1]) - int(flat[0]) == n - 1 and (n == 1 or bool((flat.diff() == 1).all())):
-        first = int(flat[0])
-        return t[first : first + n].view(*block_ids.shape, *t.shape[1:])
-    return t[block_ids]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,43 +60,33 @@ class PagedKVCache:
         self.v_all = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.k = list(self.k_all.unbind(0))
         self.v = list(self.v_all.unbind(0))
+        # Replaced, never changed in place: the engine thread may iterate it while a request thread registers a
+        # table (a backend built on first use), and the lock keeps two such threads from making one table twice.
         self.side_tables: dict[str, SideTable] = {}
-        self._pool: BlockPool | None = None
+        self._register_lock = threading.Lock()
 
     def attach(self, pool: BlockPool) -> None:
         if pool.num_blocks != self.num_blocks:
             raise ValueError("pool and KV tensors disagree on the number of blocks")
-        self._pool = pool
         pool.add_reset_hook(self._on_block_reset)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store new tokens' K/V, `k`/`v` as `[T, num_kv_heads, head_dim]`."""
-        hkv, d = self.spec.num_kv_heads, self.spec.head_dim
-        self.k[layer].view(-1, hkv, d)[slot_mapping] = k
-        self.v[layer].view(-1, hkv, d)[slot_mapping] = v
-
-    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of whole blocks: `block_ids` of any shape `S` gives `[*S, block_size, num_kv_heads, head_dim]`.
-        Copying whole blocks is several times faster than gathering token by token, and consecutive blocks
-        (the pool hands them out in order, so a lone sequence usually has them) are not copied at all."""
-        return take_blocks(self.k[layer], block_ids), take_blocks(self.v[layer], block_ids)
 
     def register_side_table(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> SideTable:
         """Create (or return the existing) side table `name` with `shape` per (layer, block)."""
         full = (self.spec.num_layers, self.num_blocks, *shape)
-        table = self.side_tables.get(name)
-        if table is not None:
-            if tuple(table.data.shape) != full or table.data.dtype != dtype:
-                raise ValueError(f"side table {name!r} already registered with another shape or dtype")
+        with self._register_lock:
+            table = self.side_tables.get(name)
+            if table is not None:
+                if tuple(table.data.shape) != full or table.data.dtype != dtype:
+                    raise ValueError(f"side table {name!r} already registered with another shape or dtype")
+                return table
+            with torch.inference_mode(False):  # backends register lazily, inside steps; the pool clears flags outside
+                table = SideTable(
+                    name,
+                    torch.zeros(full, dtype=dtype, device=self.device),
+                    torch.zeros(self.num_blocks, dtype=torch.bool),
+                )
+            self.side_tables = {**self.side_tables, name: table}
             return table
-        with torch.inference_mode(False):  # backends register lazily, inside steps; the pool clears flags outside
-            table = SideTable(
-                name,
-                torch.zeros(full, dtype=dtype, device=self.device),
-                torch.zeros(self.num_blocks, dtype=torch.bool),
-            )
-        self.side_tables[name] = table
-        return table
 
     def _on_block_reset(self, block_id: int) -> None:
         for table in self.side_tables.values():

@@ -10,9 +10,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from attention_backends.base import NoParams
+from attention_backends.calibration import DEFAULT_MAX_TOKENS
 from engine.config import EngineConfig
 from engine.model_loader import EMBEDDED_NAME
 from server.config import ServedModel, ServerConfig, api_keys_from, read_config_file, served_models_from
+from server.extensions import ServerExtension, server_extensions
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> None:
+def add_server_args(parser: argparse.ArgumentParser, extensions: list[ServerExtension]) -> None:
     d = ServerConfig(EngineConfig(), [ServedModel("-", "dense", NoParams())])
     parser.add_argument("--config", default=None, help="YAML with these settings and `served_models`; flags win")
     g = parser.add_argument_group("server")
@@ -56,26 +58,22 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds to drain in-flight requests after SIGTERM")
     g.add_argument("--uvicorn-log-level", default="info")
-    g = parser.add_argument_group("star attention across ranks")
-    g.add_argument("--star-world-size", type=int, default=d.star_world_size,
-                   help="ranks that `star` requests shard their context over; N > 1 starts N - 1 worker processes "
-                        "here, each pinned to its share of the cores (under torchrun: the ranks torchrun starts)")
-    g.add_argument("--star-timeout", type=float, default=d.star_timeout,
-                   help="seconds a rank may keep the others waiting in a step before star requests fail with 503")
-    g.add_argument("--star-port", type=int, default=d.star_port,
-                   help="rank 0's rendezvous port on MASTER_ADDR when started under torchrun")
+    for ext in extensions:
+        ext.add_args(parser)
 
 
-def server_config_from_args(args: argparse.Namespace, served_models: list[dict] | None) -> ServerConfig:
+def server_config_from_args(args: argparse.Namespace, served_models: list[dict] | None,
+                            extensions: list[ServerExtension]) -> ServerConfig:
     engine = engine_config_from_args(args)
+    for ext in extensions:
+        ext.configure(args)
     default_name = args.served_model_name or (Path(engine.model).stem if engine.model else EMBEDDED_NAME)
     return ServerConfig(
         engine=engine, served_models=served_models_from(served_models, default_name, engine), host=args.host,
         port=args.port, api_keys=api_keys_from(args.api_key), allowed_origins=args.allowed_origins,
         max_num_queued_tokens=args.max_num_queued_tokens, max_n_sequences=args.max_n_sequences,
         max_logprobs=args.max_logprobs, max_request_body_bytes=args.max_request_body_bytes,
-        shutdown_timeout=args.shutdown_timeout, star_world_size=args.star_world_size,
-        star_timeout=args.star_timeout, star_port=args.star_port,
+        shutdown_timeout=args.shutdown_timeout, extensions=extensions,
     )
 
 
@@ -86,7 +84,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def _serve(args: argparse.Namespace) -> int:
     from server.launch import serve
 
-    return serve(server_config_from_args(args, args.served_models), args.uvicorn_log_level)
+    return serve(server_config_from_args(args, args.served_models, args.extensions), args.uvicorn_log_level)
 
 
 def _parse(parser: argparse.ArgumentParser, serve_parser: argparse.ArgumentParser, argv: list[str] | None
@@ -97,7 +95,7 @@ def _parse(parser: argparse.ArgumentParser, serve_parser: argparse.ArgumentParse
     if getattr(args, "config", None):
         values = read_config_file(args.config)
         served = values.pop("served_models", None)
-        unknown = sorted(set(values) - set(vars(args)) - {"config", "command", "func"})
+        unknown = sorted(set(values) - (set(vars(args)) - {"command", "func", "extensions"}))  # flags only
         if unknown:
             raise ValueError(f"{args.config}: unknown settings {', '.join(unknown)}")
         serve_parser.set_defaults(**values)
@@ -128,24 +126,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from attention_backends.calibrated import CalibratedBackend
+    from attention_backends.calibration import CalibratedBackend, calibrate
+    from attention_backends.kernels.paged import cdiv
     from attention_backends.registry import validate_params
-    from engine import calibration
     from engine.llm_engine import LLMEngine
 
     params = validate_params(args.backend, {**args.attention_params, "calibration": None})
-    n = args.max_tokens + 16
+    # The engine only lends its model and geometry: a KV pool just large enough for its length.
+    n = args.max_tokens + 1
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=n,
-                                    num_kv_blocks=n // 16 + 2))
-    impl = engine.runner.backend(args.backend)
+                                    block_size=args.block_size, num_kv_blocks=cdiv(n, args.block_size) + 1))
+    impl = engine.backend(args.backend)
     if not isinstance(impl, CalibratedBackend):
         raise ValueError(f"backend {args.backend!r} needs no calibration")
     impl.check(params)
-    text = Path(args.data).read_text() if args.data else calibration.CALIBRATION_TEXT.read_text()
-    tensors = calibration.run_calibration(engine.loaded, impl, params, text, args.max_tokens)
-    path = Path(args.output) if args.output else calibration.artifact_path(args.backend, engine.loaded.fingerprint,
-                                                                           params)
-    calibration.save_artifact(path, tensors, args.backend, engine.loaded.fingerprint, params, text, args.max_tokens)
+    text = Path(args.data).read_text() if args.data else None
+    path, _ = calibrate(engine.calibration, impl, params, text, args.max_tokens,
+                        Path(args.output) if args.output else None)
     print(path)
     return 0
 
@@ -164,14 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    add_server_args(srv)
+    extensions = server_extensions()
+    add_server_args(srv, extensions)
     add_engine_args(srv)
-    srv.set_defaults(func=_serve)
+    srv.set_defaults(func=_serve, extensions=extensions)
     cal = sub.add_parser("calibrate", help="make a backend's calibration artifact (Loki's PCA, TCA's head budgets)")
     cal.add_argument("--backend", required=True)
     cal.add_argument("--model", default=None, help="local HF directory or .gguf file (default: embedded SmolLM2-135M)")
     cal.add_argument("--data", default=None, help="calibration text file (default: the text bundled with longserve)")
-    cal.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text the model reads")
+    cal.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens of the text the model reads")
+    cal.add_argument("--block-size", type=int, default=EngineConfig.block_size,
+                     help="the KV cache block of the server that will load the artifact (TCA's budgets depend on it)")
     cal.add_argument("--attention-params", type=json.loads, default={}, help="JSON object of backend params")
     cal.add_argument("--output", default=None, help="artifact path (default: the cache, where the server looks)")
     cal.add_argument("--device", default="auto")

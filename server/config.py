@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from attention_backends.registry import validate_params
 from engine.config import EngineConfig
+from server.extensions import ServerExtension
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,7 @@ class ServerConfig:
     max_logprobs: int = 20
     max_request_body_bytes: int = 0  # 0: 64 bytes per token of max_model_len, at least 2 MiB
     shutdown_timeout: float = 30.0  # seconds to drain in-flight requests after SIGTERM
-    star_world_size: int = 1  # ranks `star` requests shard their context over (rank 0 serves)
-    star_timeout: float = 60.0  # seconds a rank may keep the others waiting within a step before star fails
-    star_port: int = 29511  # rank 0's rendezvous port when the ranks start under torchrun
+    extensions: list[ServerExtension] = field(default_factory=list)  # configured, run around the engine
 
     def __post_init__(self) -> None:
         if not self.served_models:
@@ -51,8 +50,6 @@ class ServerConfig:
             raise ValueError(f"served model names repeat: {names}")
         if self.max_num_queued_tokens < 1 or self.max_n_sequences < 1:
             raise ValueError("max_num_queued_tokens and max_n_sequences must be positive")
-        if self.star_world_size < 1 or self.star_timeout <= 0:
-            raise ValueError("star_world_size must be at least 1 and star_timeout positive")
 
     def body_limit(self, max_model_len: int) -> int:
         return self.max_request_body_bytes or max(2 << 20, 64 * max_model_len)

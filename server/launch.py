@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 from collections.abc import Generator
@@ -20,8 +19,6 @@ import uvicorn
 
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import LLMEngine
-from engine.star_group import StarGroup
-from engine.star_worker import run_worker
 from server.app import build_app
 from server.config import ServerConfig
 from server.serving import Serving
@@ -75,15 +72,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> int:
-    star = start_star_group(config)
-    if star is not None and star.rank != 0:  # a torchrun-started worker rank: no HTTP here
-        run_worker(config.engine, star)
+    if any(ext.run_worker(config.engine) for ext in config.extensions):  # a worker rank: no HTTP here
         return 0
-    engine = None
+    hooks, engine, server = [], None, None
     try:
-        llm = LLMEngine(config.engine, star_group=star)
-        if star is not None:
-            star.ready()
+        hooks = [hook for ext in config.extensions if (hook := ext.start(config.engine)) is not None]
+        llm = LLMEngine(config.engine, hooks=hooks)
         for m in config.served_models:  # load calibration artifacts now; a refused one stops the start
             llm.prepare_backend(m.attention_backend, m.attention_params, calibrate=False)
         engine = AsyncEngine(llm)
@@ -96,21 +90,6 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
     finally:
         if engine is not None:
             engine.shutdown()
-        if star is not None:
-            star.shutdown()
+        for hook in hooks:
+            hook.shutdown()
     return 0 if server.started else 1
-
-
-def start_star_group(config: ServerConfig) -> StarGroup | None:
-    """The Star Attention ranks: none for one rank; under torchrun (RANK and WORLD_SIZE set) the ranks it
-    started, meeting at MASTER_ADDR:star_port; otherwise this process and N - 1 workers started here."""
-    n = config.star_world_size
-    if n == 1:
-        return None
-    if "RANK" not in os.environ:
-        return StarGroup.launch(config.engine, n, config.star_timeout, pin=True)
-    if int(os.environ.get("WORLD_SIZE", "0")) != n:
-        raise ValueError(f"--star-world-size {n} but torchrun started WORLD_SIZE={os.environ.get('WORLD_SIZE')}")
-    rank = int(os.environ["RANK"])
-    return StarGroup.connect(rank, n, os.environ.get("MASTER_ADDR", "127.0.0.1"), config.star_port,
-                             config.star_timeout)

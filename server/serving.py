@@ -18,10 +18,11 @@ from jinja2 import TemplateError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from attention_backends.registry import BackendError, validate_params
-from attention_backends.star import StarBackend, StarUnavailable
+from attention_backends.base import BackendUnavailable
+from attention_backends.registry import BackendError, get_backend_class, validate_params
 from engine.async_engine import AsyncEngine
 from engine.llm_engine import ContextLengthError, RequestOutput
+from engine.model_loader import EMBEDDED_NAME
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from server.admission import Admission, Ticket
@@ -31,6 +32,8 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, ChatMessage, OpenAIRequest
 
 _LONG_TEXT = 20_000  # characters: tokenize longer texts off the event loop
+
+Backend = tuple[str, BaseModel]  # a request's attention backend and its validated params
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Serving:
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.max_model_len
+        self.root = self.llm.config.model or EMBEDDED_NAME  # the base model, as /v1/models shows it
+        self.created = int(time.time())
         self.model_of: dict[str, str] = {}  # engine request id -> served model name, for the metrics
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -85,24 +90,36 @@ class Serving:
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
 
-    async def chat_query_tokens(self, req: ChatCompletionRequest, ids: list[int]) -> int | None:
-        """Star Attention's query for a chat: the tokens from the last user turn on (everything before it is the
-        context). None when the request is not `star`, names its own `query_tokens`, or the template renders
-        the earlier turns differently inside the whole chat (then the param's default applies)."""
-        backend, params = self._backend(self.resolve(req.model), req.attention_backend, req.attention_params)
-        if backend != StarBackend.name or "query_tokens" in params.model_fields_set:
-            return None
+    def backend_of(self, req: OpenAIRequest) -> Backend:
+        """The request's backend: its served model's recipe, or the one it names, with validated params."""
+        served = self.resolve(req.model)
+        if req.attention_backend is None and req.attention_params is None:
+            return served.attention_backend, served.attention_params
+        name = req.attention_backend or served.attention_backend
+        try:
+            return name, validate_params(name, req.attention_params)
+        except BackendError as e:
+            raise APIError(400, str(e), "attention_backend" if req.attention_backend else "attention_params") from e
+
+    async def chat_split(self, req: ChatCompletionRequest, ids: list[int], backend: Backend) -> Backend:
+        """For a backend that splits chats (`chat_query_param`, Star Attention's query), that param set to the
+        tokens from the last user turn on (everything before it is the context). Unchanged when the request names
+        the param itself, or the template renders the earlier turns differently inside the whole chat (then the
+        param's default applies)."""
+        name, params = backend
+        param = get_backend_class(name).chat_query_param
         messages = req.messages
         last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-        if last is None:
-            return None
+        if param is None or param in params.model_fields_set or last is None:
+            return backend
         if last == 0:
-            return len(ids)
+            return name, params.model_copy(update={param: len(ids)})
         prefix = await self.tokenize(self.chat_text(messages[:last], add_generation_prompt=False), False)
-        return max(1, len(ids) - len(prefix)) if ids[: len(prefix)] == prefix else None
+        if ids[: len(prefix)] != prefix:
+            return backend
+        return name, params.model_copy(update={param: max(1, len(ids) - len(prefix))})
 
-    def prepare(self, req: OpenAIRequest, prompt_ids: list[list[int]], param: str, query_tokens: int | None = None
-                ) -> Job:
+    def prepare(self, req: OpenAIRequest, prompt_ids: list[list[int]], param: str, backend: Backend) -> Job:
         served = self.resolve(req.model)
         if not prompt_ids or any(not p for p in prompt_ids):
             raise APIError(400, "the prompt is empty", param)
@@ -120,9 +137,7 @@ class Serving:
             raise APIError(400, str(e), field_name if field_name in type(req).model_fields else None) from e
         if (sampling.logprobs or 0) > self.config.max_logprobs:
             raise APIError(400, f"at most {self.config.max_logprobs} logprobs per token", "logprobs")
-        backend, params = self._backend(served, req.attention_backend, req.attention_params)
-        if query_tokens is not None:
-            params = params.model_copy(update={"query_tokens": query_tokens})
+        name, params = backend
         rid = uuid.uuid4().hex
         seqs = []
         for p, ids in enumerate(prompt_ids):
@@ -131,36 +146,26 @@ class Serving:
                 if sampling.seed is not None and req.n > 1:  # as vLLM: the choices differ but stay reproducible
                     sp = replace(sampling, seed=sampling.seed + i)
                 try:
-                    seqs.append(self.llm.new_sequence(ids, sp, f"{rid}-{p}-{i}", backend, params))
+                    seqs.append(self.llm.new_sequence(ids, sp, f"{rid}-{p}-{i}", name, params))
                 except ContextLengthError as e:
                     raise APIError(400, str(e), param, "context_length_exceeded") from e
                 except BackendError as e:
                     raise APIError(400, str(e), "attention_params") from e
-                except StarUnavailable as e:
+                except BackendUnavailable as e:
                     raise APIError(503, str(e)) from e
                 except ValueError as e:
                     raise APIError(400, str(e), param) from e
         ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)
-        return Job(served, backend, sampling, req.n, prompt_ids, seqs, ticket)
+        return Job(served, name, sampling, req.n, prompt_ids, seqs, ticket)
 
-    async def ready_backend(self, req: OpenAIRequest) -> None:
+    async def ready_backend(self, backend: Backend) -> None:
         """Make the request's backend ready off the event loop when that is slow: a calibration artifact made
         on first use takes seconds to minutes, and other requests must not wait on it."""
-        backend, params = self._backend(self.resolve(req.model), req.attention_backend, req.attention_params)
-        if not self.llm.backend_ready(backend, params):
+        if not self.llm.backend_ready(*backend):
             try:
-                await run_in_threadpool(self.llm.prepare_backend, backend, params)
+                await run_in_threadpool(self.llm.prepare_backend, *backend)
             except BackendError as e:
                 raise APIError(400, str(e), "attention_params") from e
-
-    def _backend(self, served: ServedModel, name: str | None, params: dict | None) -> tuple[str, BaseModel]:
-        if name is None and params is None:
-            return served.attention_backend, served.attention_params
-        backend = name or served.attention_backend
-        try:
-            return backend, validate_params(backend, params)
-        except BackendError as e:
-            raise APIError(400, str(e), "attention_backend" if name else "attention_params") from e
 
     async def run(self, job: Job, arrival: float) -> AsyncIterator[tuple[int, RequestOutput]]:
         self.in_flight += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -31,7 +31,7 @@ class SynthSeq:
     prompt_len: int
     table: torch.Tensor
     done: int = 0
-    state: dict = field(default_factory=dict)
+    state: object = None
 
     @classmethod
     def random(cls, layers: int, hq: int, hkv: int, d: int, length: int, prompt_len: int, first_block: int,
@@ -45,28 +45,32 @@ def run_steps(backend: AttentionBackend, seqs: dict[str, SynthSeq], schedule: li
               check: Callable[[int, str, SeqStep, torch.Tensor], None],
               after: Callable[[str, SeqStep], None] | None = None, scale: float | None = None) -> None:
     """Each step of `schedule` lists (sequence, tokens). `check(layer, name, step, out)` sees each sequence's
-    rows of each layer's output; `after(name, step)` runs once the step is done, with num_cached updated."""
+    rows of each layer's output; `after(name, step)` runs once the step is done, as `blocks_to_release` does
+    (the step as it ran: the cache holds `step.end` tokens)."""
     bs = backend.spec.block_size
     scale = scale or backend.spec.head_dim**-0.5
     for work in schedule:
         steps, slots, start = [], [], 0
         for name, n in work:
             s = seqs[name]
+            if s.state is None:
+                s.state = backend.new_state(params)
             phase = Phase.DECODE if n == 1 and s.done >= s.prompt_len else Phase.PREFILL
-            steps.append((name, SeqStep(name, phase, start, n, s.done, s.prompt_len, s.table, params, s.state)))
+            steps.append((name, SeqStep(request_id=name, phase=phase, query_start=start, query_len=n,
+                                        num_computed_tokens=s.done, num_new_tokens=n, prompt_len=s.prompt_len,
+                                        block_table=s.table, params=params, state=s.state)))
             slots.append(context_slots(s.table, s.done, s.done + n, bs))
             start += n
         batch = BackendBatch([st for _, st in steps], torch.cat(slots), None)
-        backend.prepare(batch)
+        batch.meta = backend.prepare(batch)
         for layer in range(backend.spec.num_layers):
-            q, k, v = (torch.cat([getattr(seqs[nm], t)[layer][:, st.num_cached : st.context_len] for nm, st in steps],
-                                 dim=1) for t in "qkv")
+            q, k, v = (torch.cat([getattr(seqs[nm], t)[layer][:, st.num_computed_tokens : st.context_len]
+                                  for nm, st in steps], dim=1) for t in "qkv")
             out = backend.forward(layer, q, k, v, batch, scale)
             for nm, st in steps:
                 check(layer, nm, st, out[:, st.query_start : st.query_start + st.query_len])
         for nm, st in steps:
             seqs[nm].done += st.query_len
-            st.num_cached += st.query_len
             if after is not None:
                 after(nm, st)
 

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 
 import attention_backends.registry as registry
-from attention_backends import SeqStep, available_backends, register_backend
+from attention_backends.context import SeqStep
 from attention_backends.dense import DenseBackend
+from attention_backends.registry import available_backends, register_backend
 from engine.async_engine import AsyncEngine
 from engine.sampling_params import SamplingParams
 
@@ -53,8 +54,8 @@ class _ReleaseOldest(DenseBackend):
 
     name = "test_release_oldest"
 
-    def blocks_to_release(self, seq: SeqStep) -> list[int]:
-        return [0] if seq.context_len > 4 * self.spec.block_size and int(seq.block_table[0]) != 0 else []
+    def blocks_to_release(self, step: SeqStep) -> list[int]:
+        return [0] if step.end > 3 * self.spec.block_size and int(step.block_table[0]) != 0 else []
 
 
 def test_block_release_seam(make_engine, monkeypatch):

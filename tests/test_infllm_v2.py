@@ -104,7 +104,7 @@ def test_layers_match_masked_reference(case, tile, monkeypatch):
 
     def check(layer, name, step, got):
         s = seqs[name]
-        qpos = torch.arange(step.num_cached, step.context_len)
+        qpos = torch.arange(step.num_computed_tokens, step.context_len)
         want = reference(s.q[layer][:, qpos], qpos, s.k[layer], s.v[layer], s.prompt_len, params, D**-0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -123,7 +123,7 @@ def test_sparse_kernel_over_every_block_is_dense():
     run_steps(backend, {"s": seq}, [[("s", n)]], params, lambda *a: None)
     start = n - sel.block + 5
     c = backend._compressed(0, type("S", (), dict(block_table=seq.table, context_len=n))(), sel)
-    got = sparse_prefill(kv, 0, seq.q[0][:, start:], start, seq.table, c, sel, D**-0.5)
+    got = sparse_prefill(kv.k[0], kv.v[0], seq.q[0][:, start:], start, seq.table, c, sel, D**-0.5)
     qpos = torch.arange(start, n)
     want = masked_attention(seq.q[0][:, start:], seq.k[0], seq.v[0], torch.arange(n)[None] <= qpos[:, None], D**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_backends.kernels.paged import take_blocks, write_kv
 from kv_cache import NULL_BLOCK_ID, BlockPool, KVCacheManager, KVSpec, PagedKVCache, hash_block_tokens
 
 BS = 4
@@ -112,9 +113,9 @@ def test_kv_write_and_gather_roundtrip():
     spec = KVSpec(num_layers=1, num_kv_heads=2, head_dim=3, block_size=BS)
     kv = PagedKVCache(spec, 4)
     k, v = torch.randn(8, 2, 3), torch.randn(8, 2, 3)
-    kv.write(0, k, v, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15]))  # blocks 1 and 3
+    write_kv(kv.k[0], kv.v[0], k, v, torch.tensor([4, 5, 6, 7, 12, 13, 14, 15]))  # blocks 1 and 3
     for table in ([1, 3], [3, 1], [1]):  # scattered blocks are copied, consecutive ones viewed
-        gk, gv = kv.gather(0, torch.tensor(table))
+        gk, gv = (take_blocks(c, torch.tensor(table)) for c in (kv.k[0], kv.v[0]))
         expect = torch.cat([k[:4] if b == 1 else k[4:] for b in table]).view(len(table), BS, 2, 3)
         assert torch.equal(gk, expect) and gv.shape == expect.shape
     assert spec.block_bytes == 2 * BS * 2 * 3 * 4

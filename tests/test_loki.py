@@ -21,10 +21,10 @@ from backend_harness import (
 from conftest import natural_text
 from safetensors.torch import load_file
 
+from attention_backends import calibration
 from attention_backends.context import AttentionSpec
 from attention_backends.loki import LokiBackend, PCACalibrator
 from attention_backends.registry import BackendError, validate_params
-from engine import calibration
 from kv_cache.paged_kv import KVSpec, PagedKVCache
 
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
@@ -96,7 +96,7 @@ def test_layers_match_masked_reference(case, chunks):
 
     def check(layer, name, step, got):
         s = seqs[name]
-        qpos = torch.arange(step.num_cached, step.context_len)
+        qpos = torch.arange(step.num_computed_tokens, step.context_len)
         q = s.q[layer][:, qpos]
         if step.phase.value == "prefill" and params.prefill == "dense":
             want = masked_attention(q, s.k[layer][:, : qpos[-1] + 1], s.v[layer][:, : qpos[-1] + 1],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attention_backends import BackendError
+from attention_backends.registry import BackendError
 from engine.sampling_params import SamplingParams
 
 

@@ -70,8 +70,8 @@ def test_layers_match_masked_reference(window, sinks, prefill_only, fa, release,
     def check(layer, name, step, got):
         s = seqs[name]
         windowed = layer not in full and (step.phase is Phase.PREFILL or not prefill_only)
-        qpos = torch.arange(step.num_cached, step.context_len)
-        want = reference(s.q[layer][:, step.num_cached : step.context_len], s.k[layer], s.v[layer], qpos,
+        qpos = torch.arange(step.num_computed_tokens, step.context_len)
+        want = reference(s.q[layer][:, step.num_computed_tokens : step.context_len], s.k[layer], s.v[layer], qpos,
                          window, sinks, windowed, D**-0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -101,7 +101,7 @@ def test_single_process_layers_match_explicit_masks(case):
 
     def check(layer, name, step, got):
         s = seqs[name]
-        qpos = torch.arange(step.num_cached, step.context_len)
+        qpos = torch.arange(step.num_computed_tokens, step.context_len)
         n = int(qpos[-1]) + 1
         visible = star_visible(qpos, n, s.prompt_len - params.query_tokens, params.block_size, params.anchor)
         want = masked_attention(s.q[layer][:, qpos], s.k[layer][:, :n], s.v[layer][:, :n], visible, D**-0.5)

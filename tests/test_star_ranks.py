@@ -18,9 +18,9 @@ import pytest
 from backend_harness import ROOT, greedy_mixed, greedy_with_logprobs
 from conftest import natural_text
 
+from distributed.star_group import StarGroup
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.star_group import StarGroup
 from server.config import read_config_file, served_models_from
 
 CONFIG = EngineConfig(num_kv_blocks=700, max_model_len=4096, max_num_batched_tokens=512)
@@ -46,8 +46,7 @@ def test_ranks_give_the_single_process_tokens(world_size, make_engine, loaded, p
                        prompts)
     group = StarGroup.launch(CONFIG, world_size, timeout=60)
     try:
-        engine = LLMEngine(CONFIG, loaded=loaded, star_group=group)
-        group.ready()
+        engine = LLMEngine(CONFIG, loaded=loaded, hooks=[group])
         ranked = run_mixed(engine, prompts)
         again = greedy_with_logprobs(engine, prompts[:1], attention_backend="star", attention_params=PARAMS[0])
         assert group.blocks_in_use(engine.usage().used) == [0] * world_size  # every rank freed every block
@@ -75,8 +74,7 @@ def test_rank_0_books_the_workers_pools(make_engine, loaded, prompts):
     group = StarGroup.launch(EngineConfig(num_kv_blocks=90, max_model_len=1024, max_num_batched_tokens=512), 2,
                              timeout=60)
     try:
-        engine = LLMEngine(CONFIG, loaded=loaded, star_group=group)
-        group.ready()
+        engine = LLMEngine(CONFIG, loaded=loaded, hooks=[group])
         ranked = engine.generate(two, sp, attention_backend="star", attention_params=PARAMS[0])
         assert [o.token_ids for o in ranked] == [o.token_ids for o in single]
         assert engine.scheduler.num_preemptions >= 1
@@ -150,7 +148,7 @@ def test_server_with_two_ranks_answers_as_one_process(ranked_server, start_serve
 
 def test_killed_worker_fails_star_requests_with_503_and_shutdown_stops_every_rank(ranked_server):
     proc, url, log_path = ranked_server
-    worker = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "engine.star_worker"], capture_output=True,
+    worker = int(subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "distributed.star_worker"], capture_output=True,
                                 text=True).stdout.split()[0])
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     outcome: dict = {}

@@ -18,11 +18,11 @@ from backend_harness import (
 )
 from conftest import natural_text
 
+from attention_backends import calibration
 from attention_backends.context import AttentionSpec
 from attention_backends.registry import BackendError, validate_params
 from attention_backends.tca import KEEP_TABLE, TCABackend
 from attention_backends.tca_calibration import TCACalibrator, candidates
-from engine import calibration
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
 
@@ -67,7 +67,7 @@ def test_layers_match_masked_reference(chunks, local):
     budgets_seen = set()
 
     def check(layer, name, step, got):
-        s, c = seqs[name], step.num_cached
+        s, c = seqs[name], step.num_computed_tokens
         frontier = max(0, ((c - 1) // BS - local + 1) * BS) if c else 0
         qpos = torch.arange(c, step.context_len)
         n = int(qpos[-1]) + 1
@@ -78,8 +78,8 @@ def test_layers_match_masked_reference(chunks, local):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     def release(name, step):
-        for j in range((step.num_cached - step.query_len + 1 + BS - 1) // BS - 1, step.num_cached // BS):
-            if j >= 0 and (j + 1) * BS - 1 >= step.num_cached - step.query_len:  # completed in this step
+        for j in range((step.num_computed_tokens + 1 + BS - 1) // BS - 1, step.end // BS):
+            if j >= 0 and (j + 1) * BS - 1 >= step.num_computed_tokens:  # completed in this step
                 for layer in range(LAYERS):
                     got = backend.keep.data[layer, seqs[name].table[j]].sum(0)  # per KV head
                     want = keeps[name][layer][:, j * BS : (j + 1) * BS].sum(1)
@@ -91,8 +91,8 @@ def test_layers_match_masked_reference(chunks, local):
 
     run_steps(backend, seqs, schedule, params, check, release)
     assert budgets_seen >= {1, 16} and len(budgets_seen) >= 3
-    region = len(seqs["a"].state["region"])
-    assert region < seqs["a"].state["frontier"] // BS  # compaction gave blocks back
+    region = len(seqs["a"].state.region)
+    assert region < seqs["a"].state.frontier // BS  # compaction gave blocks back
 
 
 def test_calibration_picks_the_sparsest_candidate_within_tolerance():

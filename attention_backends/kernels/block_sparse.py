@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_backends.kernels.paged import gather_head_slots, sdpa
-from kv_cache.paged_kv import PagedKVCache
+from attention_backends.kernels.slots import slot_attention
 
 COARSE = 4  # tier 2's kernel and stride are this multiple of tier 1's, as in the reference
 TILE_ELEMS = 1 << 23  # gathered K elements per prefill tile of query groups (32 MiB in float32)
@@ -109,10 +109,9 @@ def select_blocks(probs: torch.Tensor, cur: torch.Tensor, sel: Selection) -> tor
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., : sel.k].sort(-1).values
 
 
-def gather_blocks(kv: PagedKVCache, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V of cache blocks chosen per KV head: `pages` `[X, H_kv, n]` -> `[X, H_kv, n * page, D]`."""
-    p = kv.spec.block_size
-    return gather_head_slots(kv, layer, (pages.unsqueeze(-1) * p + torch.arange(p)).flatten(-2))
+def page_slots(pages: torch.Tensor, page: int) -> torch.Tensor:
+    """Cache blocks `[..., n]` -> the slots of their tokens `[..., n * page]`."""
+    return (pages.unsqueeze(-1) * page + torch.arange(page)).flatten(-2)
 
 
 def block_pages(blocks: torch.Tensor, table: torch.Tensor, sel: Selection) -> torch.Tensor:
@@ -137,8 +136,8 @@ def causal_tail_mask(sel: Selection, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
-def sparse_prefill(kv: PagedKVCache, layer: int, q: torch.Tensor, start: int, table: torch.Tensor, c: Compressed,
-                   sel: Selection, scale: float) -> torch.Tensor:
+def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, start: int, table: torch.Tensor,
+                   c: Compressed, sel: Selection, scale: float) -> torch.Tensor:
     """Queries q `[H_q, T, D]` at positions `start..start+T-1` (every one at or past block k - 1), whose keys
     are all in the cache -> `[H_q, T, D]`. Query groups run in tiles that bound the gathered K/V."""
     hq, t, d = q.shape
@@ -155,8 +154,8 @@ def sparse_prefill(kv: PagedKVCache, layer: int, q: torch.Tensor, start: int, ta
         probs = kernel_probs(q[:, r0:r1], qpos, c, scale)
         groups = torch.zeros(hkv, mb - ma, probs.shape[-1], device=probs.device)
         groups.index_add_(1, (qpos // b - ma).to(probs.device), probs)
-        pages = block_pages(select_blocks(groups, torch.arange(ma, mb), sel).cpu(), table, sel)
-        k, v = gather_blocks(kv, layer, pages.transpose(0, 1))
+        pages = block_pages(select_blocks(groups, torch.arange(ma, mb), sel).cpu(), table, sel)  # [H_kv, M, n]
+        k, v = (x.transpose(0, 1) for x in gather_head_slots(k_cache, v_cache, page_slots(pages, sel.page)))
         qpad = q.new_zeros(hq, (mb - ma) * b, d)
         qpad[:, qpos - ma * b] = q[:, r0:r1]
         o = sdpa(qpad.view(hq, mb - ma, b, d).transpose(0, 1), k, v, scale, mask=mask)
@@ -164,12 +163,12 @@ def sparse_prefill(kv: PagedKVCache, layer: int, q: torch.Tensor, start: int, ta
     return out
 
 
-def sparse_decode(kv: PagedKVCache, layer: int, q: torch.Tensor, pages: torch.Tensor, lens: torch.Tensor,
-                  sel: Selection, scale: float) -> torch.Tensor:
-    """One query per row, q `[B, H_q, D]`, over the cache blocks `pages` `[B, H_kv, k * pages_per_block]` of its
-    selected blocks (current block last); `lens` `[B]` context lengths -> `[B, H_q, D]`."""
-    k, v = gather_blocks(kv, layer, pages)
+def sparse_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, pages: torch.Tensor,
+                  lens: torch.Tensor, sel: Selection, scale: float) -> torch.Tensor:
+    """One query per row, q `[H_q, B, D]`, over the cache blocks `pages` `[H_kv, B, k * pages_per_block]` of its
+    selected blocks (current block last); `lens` `[B]` context lengths -> `[H_q, B, D]`."""
     b = sel.block
     tail = ((lens - 1) // b * b).unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
-    valid = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
-    return sdpa(q.unsqueeze(2), k, v, scale, mask=valid[:, None, None, :]).squeeze(2)
+    visible = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
+    return slot_attention(q, k_cache, v_cache, page_slots(pages, sel.page),
+                          visible.expand(pages.shape[0], -1, -1), scale)

@@ -18,20 +18,19 @@ import sys
 import torch
 
 from attention_backends.star import StarBackend
+from distributed.star_group import StarGroup, StarPlan
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.star_group import StarGroup, StarPlan
 
 logger = logging.getLogger(__name__)
 
 
 def run_worker(config: EngineConfig, group: StarGroup) -> None:
-    engine = LLMEngine(config, star_group=group)
-    star = engine.runner.backend(StarBackend.name)
+    engine = LLMEngine(config, hooks=[group])  # attaching waits until every rank has loaded its model
+    star = engine.backend(StarBackend.name)
     assert isinstance(star, StarBackend)
-    group.ready()
     seqs: dict[str, Sequence] = {}
     while not (plan := group.recv()).stop:
         run_plan(engine, star, seqs, plan)
@@ -43,8 +42,8 @@ def run_worker(config: EngineConfig, group: StarGroup) -> None:
 def run_plan(engine: LLMEngine, star: StarBackend, seqs: dict[str, Sequence], plan: StarPlan) -> None:
     for rid in plan.frees:
         seqs.pop(rid, None)
-        engine.kv_manager.free(rid)
-    scheduled = []
+        engine.free(rid)
+    chunks = []
     for item in plan.items:
         seq = seqs.get(item.request_id)
         if seq is None:
@@ -55,15 +54,11 @@ def run_plan(engine: LLMEngine, star: StarBackend, seqs: dict[str, Sequence], pl
         else:
             seq.token_ids.extend(item.new_tokens)
         seq.num_computed_tokens = item.start
-        end = item.start + item.num_tokens
-        blocks = star.layout(item.params, item.prompt_len).blocks_written(
-            star.rank, item.start, end, seq.backend_state.get("anchor_done", False), engine.kv_manager.block_size)
-        if not engine.kv_manager.allocate_at(item.request_id, end, blocks):
-            raise MemoryError(f"rank {star.rank}: no KV blocks left for request {item.request_id}")
-        scheduled.append((seq, item.num_tokens))
-    if scheduled:
-        tables = {seq.request_id: engine.kv_manager.block_table(seq.request_id) for seq, _ in scheduled}
-        engine.release_blocks([engine.runner.run(scheduled, tables)])
+        entries = star.layout(item.params, item.prompt_len).blocks_written(
+            star.rank, item.start, item.start + item.num_tokens, engine.kv_manager.block_size)
+        chunks.append((seq, item.num_tokens, entries))
+    if chunks:
+        engine.run_planned(chunks)
 
 
 def _die_with_parent() -> None:
@@ -73,7 +68,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.star_worker")
+    parser = argparse.ArgumentParser(prog="python -m distributed.star_worker")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--host", required=True)

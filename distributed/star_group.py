@@ -6,8 +6,9 @@ runs its rows, exchanging (output, LSE) per layer for query rows. Two gloo group
 plans wait without a deadline (a worker idles as long as the server does), the per-layer exchange has
 `timeout` seconds, so a rank that died or hung fails the step instead of hanging it.
 
-A failure is final: the group aborts, local workers are stopped, star requests get StarUnavailable (503)
-and other backends keep serving on rank 0.
+A failure is final: the group aborts, local workers are stopped, star requests get BackendUnavailable (503)
+and other backends keep serving on rank 0. On rank 0 the group is an engine hook: it sends each step's plan
+before the step runs, and tells the workers which requests are gone after it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 
-from attention_backends.star import StarBackend, StarLayout, StarUnavailable
+from attention_backends.base import BackendUnavailable
+from attention_backends.star import StarBackend, StarLayout
 from engine.config import EngineConfig
+from engine.hooks import EngineHook, StepVeto
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +63,19 @@ class StarPlan:
     stop: bool = False
 
 
-class StarGroup:
+class Booking(Enum):
+    BOOKED = "booked"
+    LATER = "later"  # a worker's pool is short while other requests hold it
+    NEVER = "never"  # short even with nothing else in it
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200]
+
+
+class StarGroup(EngineHook):
+    name = "star"
+
     def __init__(self, rank: int, world_size: int, store: dist.Store, timeout: float,
                  workers: list[subprocess.Popen] | None = None) -> None:
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
@@ -69,9 +89,9 @@ class StarGroup:
         # chunk a worker has no room for: the workers' pools are accounted exactly, without asking them.
         self._held: dict[str, list[set[int]]] = {}
         self._drops: list[tuple[list[set[int]], set[int]]] = []  # anchors the workers drop after this step
-        self.pool_blocks = 0  # this rank's KV pool (set by its engine)
-        self.capacity: list[int] = []  # usable blocks per rank, learnt in ready()
+        self.capacity: list[int] = []  # usable blocks per rank, learnt when the engines attach
         self._dispatched = False
+        self._engine: LLMEngine | None = None
 
     @classmethod
     def connect(cls, rank: int, world_size: int, host: str, port: int, timeout: float,
@@ -89,9 +109,9 @@ class StarGroup:
         shares = [cores[r::world_size] for r in range(world_size)] if len(cores) >= world_size else None
         workers = []
         for rank in range(1, world_size):
-            cmd = [sys.executable, "-m", "engine.star_worker", "--rank", str(rank), "--world-size", str(world_size),
-                   "--host", host, "--port", str(store.port), "--timeout", str(timeout),
-                   "--engine-config", json.dumps(asdict(config))]
+            cmd = [sys.executable, "-m", "distributed.star_worker", "--rank", str(rank),
+                   "--world-size", str(world_size), "--host", host, "--port", str(store.port),
+                   "--timeout", str(timeout), "--engine-config", json.dumps(asdict(config))]
             if shares:
                 cmd += ["--cores", ",".join(map(str, shares[rank]))]
             workers.append(subprocess.Popen(cmd))
@@ -107,12 +127,24 @@ class StarGroup:
 
     # -- every rank -------------------------------------------------------------------------------
 
-    def ready(self) -> None:
-        """Wait until every rank has loaded its model; learn each rank's KV pool size."""
-        flag = torch.tensor([self.pool_blocks])
+    def attach(self, engine: LLMEngine) -> None:
+        """This rank's engine is built: give its star backend the group, then wait until every rank has loaded its
+        model, learning each rank's KV pool size."""
+        star = engine.backend(StarBackend.name)
+        assert isinstance(star, StarBackend)
+        star.attach(self)
+        self._engine = engine
+        flag = torch.tensor([engine.pool.num_blocks])
         sizes = [torch.empty(1, dtype=flag.dtype) for _ in range(self.world_size)]
         self._plans.allgather([sizes], [flag]).wait()
         self.capacity = [int(t) - 1 for t in sizes]  # the null block is never handed out
+
+    def health(self) -> dict[str, Any]:
+        try:
+            self.check()
+        except BackendUnavailable as e:
+            return {"status": "unavailable", "world_size": self.world_size, "reason": str(e)}
+        return {"status": "ok", "world_size": self.world_size}
 
     def check(self) -> None:
         if self.failure is None:
@@ -121,7 +153,10 @@ class StarGroup:
                     self.fail(f"worker rank {rank} exited with code {proc.returncode}")
                     break
         if self.failure is not None:
-            raise StarUnavailable(f"Star Attention is unavailable on this server: {self.failure}")
+            raise self._unavailable()
+
+    def _unavailable(self) -> BackendUnavailable:
+        return BackendUnavailable(f"Star Attention is unavailable on this server: {self.failure}")
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         self.check()
@@ -130,8 +165,8 @@ class StarGroup:
         try:
             self._collective.allgather([out], [t]).wait()
         except RuntimeError as e:
-            self.fail(f"the exchange between ranks failed ({str(e).splitlines()[0][:200]})")
-            raise StarUnavailable(f"Star Attention is unavailable on this server: {self.failure}") from e
+            self.fail(f"the exchange between ranks failed ({_first_line(e)})")
+            raise self._unavailable() from e
         return torch.stack(out).to(device)
 
     def fail(self, reason: str) -> None:
@@ -152,16 +187,15 @@ class StarGroup:
 
     # -- rank 0 -----------------------------------------------------------------------------------
 
-    def dispatch(self, scheduled: list[tuple[Sequence, int]], requests: dict[str, Sequence], block_size: int
-                 ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
-        """Send the workers their part of the step about to run on rank 0. Returns the sharded sequences left
-        out: those a worker has no room for now (to preempt) and those it never could (to fail). After a
-        failure nothing is sent: the star backend fails the sharded sequences and the rest of the step runs."""
-        frees = self._stale(requests)
-        later: list[Sequence] = []
-        never: list[tuple[Sequence, Exception]] = []
+    def before_step(self, scheduled: list[tuple[Sequence, int]]) -> StepVeto:
+        """Send the workers their part of the step about to run on rank 0. The sharded sequences left out: those a
+        worker has no room for now (to preempt) and those it never could (to fail). After a failure nothing is
+        sent: the star backend fails the sharded sequences and the rest of the step runs."""
+        engine = self._engine
+        frees = self._stale(engine.requests)
+        veto = StepVeto()
         if self.failure is not None:
-            return later, never
+            return veto
         items = []
         for seq, n in scheduled:
             if seq.backend != StarBackend.name:
@@ -169,13 +203,13 @@ class StarGroup:
             lay = StarLayout.of(seq.backend_params, seq.num_prompt_tokens, self.world_size)
             if not lay.sharded:
                 continue
-            short = self._reserve(seq, lay, n, block_size)
-            if short == "now":
-                later.append(seq)
+            booking = self._reserve(seq, lay, n, engine.kv_manager.block_size)
+            if booking is Booking.LATER:
+                veto.later.append(seq)
                 continue
-            if short == "ever":
-                never.append((seq, MemoryError(f"request {seq.request_id}: its share of the context does not fit "
-                                               "a worker rank's KV pool")))
+            if booking is Booking.NEVER:
+                veto.failed.append((seq, MemoryError(f"request {seq.request_id}: its share of the context does not "
+                                                     "fit a worker rank's KV pool")))
                 continue
             sent, _ = self._sent.get(seq.request_id, (0, 0))
             end = max(seq.num_computed_tokens + n, seq.num_prompt_tokens)  # the whole prompt on first sight
@@ -189,28 +223,27 @@ class StarGroup:
         self._dispatched = bool(items)
         if items or frees:
             self._send(StarPlan(items, frees))
-        return later, never
+        return veto
 
-    def _reserve(self, seq: Sequence, lay: StarLayout, n: int, block_size: int) -> str | None:
+    def _reserve(self, seq: Sequence, lay: StarLayout, n: int, block_size: int) -> Booking:
         """Book the blocks each worker allocates for this chunk (its rows, and the anchor when it starts), and
-        queue the anchor's drop once the context is done. Returns None when booked, else "now" (a
-        worker's pool is short while other requests hold it) or "ever" (short even with nothing else in it)."""
+        queue the anchor's drop once the context is done."""
         rid = seq.request_id
         held = self._held.setdefault(rid, [set() for _ in range(self.world_size)])
         start = seq.num_computed_tokens
         new = []
         for rank in range(1, self.world_size):
-            new.append(lay.blocks_written(rank, start, start + n, bool(held[rank]), block_size) - held[rank])
+            new.append(lay.blocks_written(rank, start, start + n, block_size) - held[rank])
             others = sum(len(h[rank]) for r, h in self._held.items() if r != rid)
             if len(new[-1]) > self.capacity[rank] - others - len(held[rank]):
                 if rid not in self._sent:
                     del self._held[rid]
-                return "now" if others else "ever"
+                return Booking.LATER if others else Booking.NEVER
         for rank, blocks in enumerate(new, start=1):
             held[rank] |= blocks
         if start + n >= lay.context_len:  # after the step: a worker allocates every item's blocks, runs, then drops
             self._drops.append((held, set(range(lay.anchor // block_size))))
-        return None
+        return Booking.BOOKED
 
     def blocks_in_use(self, pool_used: int) -> list[int]:
         """KV blocks each rank's pool has handed out, rank-major (rank 0 passes its own count)."""
@@ -220,13 +253,15 @@ class StarGroup:
     def report_usage(self, pool_used: int) -> list[int]:
         return [int(t) for t in self.all_gather(torch.tensor([pool_used]))]
 
-    def release_finished(self, requests: dict[str, Sequence]) -> None:
+    def after_step(self) -> None:
         """Tell the workers to drop requests that finished, were aborted or preempted since the last plan."""
-        frees = self._stale(requests)
+        frees = self._stale(self._engine.requests)
         if frees and self.failure is None:
             self._send(StarPlan(frees=frees))
 
-    def step_failed(self, exc: BaseException) -> None:
+    on_abort = after_step
+
+    def on_failure(self, exc: BaseException) -> None:
         """Rank 0's step raised after its plan went out: the workers may be waiting inside a layer's exchange,
         and no later step could line up with them again."""
         if self._dispatched:
@@ -236,7 +271,7 @@ class StarGroup:
         if self.failure is None and self.rank == 0:
             try:
                 self._send(StarPlan(stop=True))
-            except StarUnavailable:
+            except BackendUnavailable:
                 pass
         self._stop_workers(grace=10)
         if self.failure is None:
@@ -259,7 +294,7 @@ class StarGroup:
             self._plans.broadcast(torch.tensor([data.numel()], dtype=torch.int64), 0).wait()
             self._plans.broadcast(data, 0).wait()
         except RuntimeError as e:
-            self.fail(f"sending a step to the workers failed ({str(e).splitlines()[0][:200]})")
+            self.fail(f"sending a step to the workers failed ({_first_line(e)})")
             self.check()
 
     def _stop_workers(self, grace: float) -> None:
