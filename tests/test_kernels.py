@@ -1,0 +1,119 @@
+"""The kernel layer over explicit caches: each reference op against an explicit masked reference, on longserve's
+contiguous layout and on a vLLM-like one (K and V fused per cell, head-major: the same logical
+`[num_blocks, block_size, H_kv, D]` with other strides), ragged lengths and shuffled block tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backend_harness import masked_attention
+
+from attention_backends.kernels.decode import decode_plan, paged_decode
+from attention_backends.kernels.paged import context_slots, gather_head_slots, gather_range, take_blocks, write_kv
+from attention_backends.kernels.prefill import paged_prefill, prefill_plan
+from attention_backends.kernels.slots import slot_attention
+
+BS, HQ, HKV, D, NB = 16, 6, 2, 16, 48
+SCALE = D**-0.5
+
+
+def caches(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if layout == "contiguous":
+        return torch.zeros(NB, BS, HKV, D), torch.zeros(NB, BS, HKV, D)
+    cells = torch.zeros(NB, HKV, BS, 2 * D)  # vLLM's per-layer page: K and V in one cell per (head, token)
+    return cells[..., :D].transpose(1, 2), cells[..., D:].transpose(1, 2)
+
+
+def filled(layout: str, lengths: list[int], seed: int = 0):
+    """Caches holding sequences of these lengths in shuffled blocks (never the null block 0), and their raw K/V."""
+    g = torch.Generator().manual_seed(seed)
+    kc, vc = caches(layout)
+    free = (torch.randperm(NB - 1, generator=g) + 1).tolist()
+    seqs = []
+    for n in lengths:
+        table = torch.tensor([free.pop() for _ in range(-(-n // BS))])
+        k, v = torch.randn(HKV, n, D, generator=g), torch.randn(HKV, n, D, generator=g)
+        write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, BS))
+        seqs.append((table, k, v))
+    return kc, vc, seqs
+
+
+LAYOUTS = ["contiguous", "vllm-like"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reads_see_what_was_written(layout):
+    kc, vc, [(table, k, v)] = filled(layout, [70])
+    gk, gv = gather_range(kc, vc, table, 5, 61)
+    assert torch.equal(gk, k[:, 5:61]) and torch.equal(gv, v[:, 5:61])
+    slots = torch.tensor([[3, 40, 69], [0, 17, 18]])
+    sk, sv = gather_head_slots(kc, vc, context_slots(table, 0, 70, BS)[slots])
+    assert torch.equal(sk, torch.stack([k[h, slots[h]] for h in range(HKV)]))
+    assert torch.equal(sv, torch.stack([v[h, slots[h]] for h in range(HKV)]))
+    assert torch.equal(take_blocks(kc, table[1:3]).flatten(0, 1).transpose(0, 1), k[:, BS : 3 * BS])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("sinks", "window"), [(None, None), ([0, 3, 20], [8, 5, 100]), ([4, 0, 2], [None, 30, 3])])
+def test_decode_sees_sinks_and_its_window(layout, sinks, window):
+    lengths = [1, 17, 200]
+    kc, vc, seqs = filled(layout, lengths)
+    q = torch.randn(len(lengths), HQ, D)
+    plan = decode_plan([t for t, _, _ in seqs], lengths, BS, sinks, window)
+    got = paged_decode(q, kc, vc, plan, SCALE)
+    for b, ((_, k, v), n) in enumerate(zip(seqs, lengths)):
+        kpos = torch.arange(n)
+        lo = max(0, n - window[b]) if window and window[b] is not None else 0
+        visible = (kpos >= lo) | (kpos < (sinks[b] if sinks else 0))
+        want = masked_attention(q[b][:, None], k, v, visible[None], SCALE)[:, 0]
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+PREFILL = {  # name: (cached tokens before the chunk, chunk, sinks, lo, window)
+    "causal-from-0": (0, 40, 0, 0, None),
+    "after-cache": (37, 29, 0, 0, None),
+    "window-and-sinks": (100, 300, 20, 0, 64),
+    "window-shorter-than-a-block": (9, 50, 3, 0, 5),
+    "sinks-overlap-window": (10, 60, 40, 0, 30),
+    "anchor-and-own-block": (70, 25, 32, 64, None),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "cache-only"])
+@pytest.mark.parametrize("case", PREFILL)
+def test_prefill_over_key_ranges(layout, fresh, case):
+    cached, t, sinks, lo, window = PREFILL[case]
+    kc, vc, [(table, k, v)] = filled(layout, [cached + t])
+    q = torch.randn(HQ, t, D)
+    plan = prefill_plan(cached, t, sinks=sinks, lo=lo, window=window)
+    new = (k[:, cached:], v[:, cached:]) if fresh else None
+    got = paged_prefill(q, kc, vc, table, plan, SCALE, new)
+    qpos, kpos = torch.arange(cached, cached + t)[:, None], torch.arange(cached + t)
+    in_band = (kpos >= lo) & ((qpos - kpos < window) if window else True)
+    want = masked_attention(q, k, v, (kpos <= qpos) & ((kpos < sinks) | in_band), SCALE)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sets", [HKV, HQ], ids=["per-kv-head", "per-query-head"])
+def test_slot_attention_reads_each_rows_own_slots(layout, sets):
+    kc, vc, seqs = filled(layout, [90, 33])
+    g = torch.Generator().manual_seed(1)
+    rows = [(0, 89), (1, 20), (0, 50)]  # (sequence, position) of each query row
+    m = 12
+    q = torch.randn(HQ, len(rows), D, generator=g)
+    picks = torch.stack([torch.stack([torch.randperm(pos + 1, generator=g)[:m] for _ in range(sets)])
+                         for _, pos in rows], 1)  # [S, n, m] positions
+    slots = torch.stack([context_slots(seqs[s][0], 0, pos + 1, BS)[picks[:, i]] for i, (s, pos) in enumerate(rows)], 1)
+    visible = torch.rand(sets, len(rows), m, generator=g) < 0.8
+    visible[..., 0] = True
+    got = slot_attention(q, kc, vc, slots, visible, SCALE)
+    for i, (s, pos) in enumerate(rows):
+        k, v = seqs[s][1][:, : pos + 1], seqs[s][2][:, : pos + 1]
+        mask = torch.zeros(HQ, 1, pos + 1, dtype=torch.bool)
+        for h in range(HQ):
+            j = h // (HQ // sets)
+            mask[h, 0, picks[j, i][visible[j, i]]] = True
+        torch.testing.assert_close(got[:, i : i + 1], masked_attention(q[:, i : i + 1], k, v, mask, SCALE),
+                                   atol=1e-5, rtol=1e-5)
