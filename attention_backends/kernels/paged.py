@@ -74,12 +74,16 @@ def gather_head_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch
     bs, hkv, d = k_cache.shape[1:]
     s = slots.to(k_cache.device)
     heads = torch.arange(hkv, device=s.device).view(hkv, *([1] * (s.dim() - 1)))
-    out = []
-    for cache in (k_cache, v_cache):
+    blocks, offsets = s // bs, s % bs
+
+    def rows(cache: torch.Tensor) -> torch.Tensor:
         s0, s1, s2, _ = cache.stride()
-        offsets = ((s // bs) * s0 + (s % bs) * s1 + heads * s2).flatten()
-        out.append(_vectors(cache).index_select(0, offsets).view(*s.shape, d))
-    return out[0], out[1]
+        return (blocks * s0 + offsets * s1 + heads * s2).flatten()
+
+    k_rows = rows(k_cache)
+    v_rows = k_rows if v_cache.stride() == k_cache.stride() else rows(v_cache)
+    return (_vectors(k_cache).index_select(0, k_rows).view(*s.shape, d),
+            _vectors(v_cache).index_select(0, v_rows).view(*s.shape, d))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
