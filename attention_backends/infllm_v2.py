@@ -121,7 +121,7 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
                 sparse_prefills.append((replace(s, query_start=s.query_start + r,
                                                 num_computed_tokens=s.num_computed_tokens + r,
                                                 query_len=s.query_len - r), sel))
-        return InfLLMMeta(dense_meta(dense, self.spec, self.kv.spec.dtype, self.kv.device), sparse_prefills,
+        return InfLLMMeta(dense_meta(dense, self.spec, self.kv), sparse_prefills,
                           sparse_decodes, torch.cat(fill).unique() if fill else None)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[InfLLMMeta],
@@ -130,7 +130,7 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
         meta, kc, vc = batch.meta, self.kv.k[layer], self.kv.v[layer]
         self._fill_means(layer, meta.fill)
         out = torch.empty_like(q)
-        attend_exact(out, meta.dense, layer, q, k, v, kc, vc, None, scale)
+        attend_exact(out, meta.dense, q, k, v, kc, vc, None, scale)
         for seq, sel in meta.sparse_prefills:
             s, e = seq.query_start, seq.query_start + seq.query_len
             out[:, s:e] = sparse_prefill(kc, vc, q[:, s:e], seq.num_computed_tokens, seq.block_table,

@@ -60,7 +60,7 @@ class ScorerBackend(AttentionBackend[MetaT]):
     def scorer_meta(self, batch: BackendBatch) -> ScorerMeta:
         prefills = [s for s in batch.seqs if s.phase is Phase.PREFILL]
         exact = [s for s in prefills if s.params.prefill == "dense"]
-        return ScorerMeta(dense_meta(exact, self.spec, self.kv.spec.dtype, self.kv.device),
+        return ScorerMeta(dense_meta(exact, self.spec, self.kv),
                           [s for s in prefills if s.params.prefill == "topk"],
                           [s for s in batch.seqs if s.phase is Phase.DECODE])
 
@@ -73,8 +73,8 @@ class ScorerBackend(AttentionBackend[MetaT]):
                ) -> torch.Tensor:
         """Exact prefill and top-k rows, for queries and fresh keys in the space the cache holds."""
         out = torch.empty_like(q)
-        attend_exact(out, meta.exact, layer, q, k, v, self.kv.k[layer], self.kv.v[layer],
-                     self.spec.layer_windows[layer], scale)
+        attend_exact(out, meta.exact, q, k, v, self.kv.k[layer], self.kv.v[layer], self.spec.layer_windows[layer],
+                     scale)
         for seq in meta.topk_prefills:
             per_row = self.key_sets(seq.params) * seq.context_len * self.spec.head_dim
             tile = max(1, TILE_ELEMS // per_row)

@@ -19,17 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.dense import (
-    DecodeRows,
-    Windows,
-    attend_decode,
-    attend_prefill,
-    exact_decode_rows,
-    exact_prefill_plans,
-)
+from attention_backends.dense import attend_decode
 from attention_backends.kernels.decode import DecodePlan, decode_plan
 from attention_backends.kernels.paged import cdiv
-from attention_backends.kernels.prefill import PrefillPlan, prefill_plan
+from attention_backends.kernels.prefill import PrefillBatch, prefill_batch, prefill_into, prefill_plan
 from attention_backends.registry import register_backend
 
 _EVERY = re.compile(r"every:([1-9]\d*)")
@@ -71,21 +64,17 @@ class SlidingWindowParams(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class BandPrefill:
-    """One prefill chunk: its band plan for the windowed layers, its exact plans for the others."""
+class LayerWork:
+    """One layer's attention, for one pattern of which sequences it windows: the prefill chunks (banded and exact
+    together) and the decoding rows by plan."""
 
-    seq: SeqStep
-    band: PrefillPlan
-    exact: Windows  # empty when every layer is windowed
-    windowed: frozenset[int]
+    prefill: PrefillBatch
+    decode: list[tuple[torch.Tensor, DecodePlan]]
 
 
 @dataclass(frozen=True, slots=True)
 class WindowPlan:
-    prefills: list[BandPrefill]
-    decode: DecodeRows | None  # every decoding row, exact (full-attention layers, FA decode)
-    band_decode: DecodePlan | None  # every decoding row, windowed; None when no row is windowed in any layer
-    decode_windowed: list[frozenset[int]]  # per decoding row: its windowed layers
+    layers: list[LayerWork]  # per layer; layers that window the same sequences share one
 
 
 @register_backend
@@ -102,40 +91,47 @@ class SlidingWindowBackend(AttentionBackend[WindowPlan]):
         return frozenset(i for i, own in enumerate(self.spec.layer_windows) if own is None and i not in full)
 
     def prepare(self, batch: BackendBatch[WindowPlan]) -> WindowPlan:
-        dtype, device, layers = self.kv.spec.dtype, self.kv.device, self.spec.num_layers
-        prefills = []
-        for s in batch.seqs:
+        spec = self.spec
+        # A prefill chunk is windowed in its windowed layers; a decode only without FA decode (`prefill_only`).
+        windowed = [self._windowed_layers(s.params) if s.phase is Phase.PREFILL or not s.params.prefill_only
+                    else frozenset() for s in batch.seqs]
+        work: dict[tuple, LayerWork] = {}
+        layers = []
+        for layer, own in enumerate(spec.layer_windows):
+            banded = tuple(layer in w for w in windowed)
+            if (banded, own) not in work:
+                work[banded, own] = self._layer_work(batch.seqs, banded, own)
+            layers.append(work[banded, own])
+        return WindowPlan(layers)
+
+    def _layer_work(self, seqs: list[SeqStep], banded: tuple[bool, ...], own: int | None) -> LayerWork:
+        kv, bs = self.kv, self.spec.block_size
+        chunks = []
+        for s, band in zip(seqs, banded):
             if s.phase is Phase.PREFILL:
-                windowed, p = self._windowed_layers(s.params), s.params
-                band = prefill_plan(s.num_computed_tokens, s.query_len, sinks=p.sinks, window=p.window, dtype=dtype,
-                                    device=device)
-                exact = exact_prefill_plans(s, self.spec, dtype, device) if len(windowed) < layers else {}
-                prefills.append(BandPrefill(s, band, exact, windowed))
-        decodes = [s for s in batch.seqs if s.phase is Phase.DECODE]
-        windowed = [frozenset() if s.params.prefill_only else self._windowed_layers(s.params) for s in decodes]
-        band_decode = None
-        if any(windowed):
-            band_decode = decode_plan([s.block_table for s in decodes], [s.context_len for s in decodes],
-                                      self.spec.block_size, [s.params.sinks for s in decodes],
-                                      [s.params.window for s in decodes])
-        return WindowPlan(prefills, exact_decode_rows(decodes, self.spec), band_decode, windowed)
+                p = s.params
+                ranges = dict(sinks=p.sinks, window=p.window) if band else dict(window=own)
+                plan = prefill_plan(s.num_computed_tokens, s.query_len, dtype=kv.spec.dtype, device=kv.device, **ranges)
+                chunks.append((s.query_start, s.block_table, plan))
+        decode = []
+        for band in (False, True):
+            rows = [s for s, b in zip(seqs, banded) if s.phase is Phase.DECODE and b == band]
+            if rows:
+                windows = [s.params.window for s in rows] if band else [own] * len(rows)
+                plan = decode_plan([s.block_table for s in rows], [s.context_len for s in rows], bs,
+                                   [s.params.sinks for s in rows] if band else None, windows, kv.device, kv.num_blocks)
+                decode.append((torch.tensor([s.query_start for s in rows]), plan))
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        return LayerWork(prefill_batch(chunks, group, kv.device, kv.num_blocks), decode)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[WindowPlan],
                 scale: float) -> torch.Tensor:
         self.store_kv(layer, k, v, batch.slot_mapping)
-        meta, kc, vc, own = batch.meta, self.kv.k[layer], self.kv.v[layer], self.spec.layer_windows[layer]
+        work, kc, vc = batch.meta.layers[layer], self.kv.k[layer], self.kv.v[layer]
         out = torch.empty_like(q)
-        for p in meta.prefills:
-            attend_prefill(out, q, k, v, kc, vc, p.seq, p.band if layer in p.windowed else p.exact[own], scale)
-        if meta.decode is not None:
-            banded = [i for i, w in enumerate(meta.decode_windowed) if layer in w]
-            full = [i for i, w in enumerate(meta.decode_windowed) if layer not in w]
-            if not banded:
-                attend_decode(out, q, kc, vc, meta.decode.rows, meta.decode.plans[own], scale)
-            else:
-                if full:
-                    attend_decode(out, q, kc, vc, meta.decode.rows[full], meta.decode.plans[own].take(full), scale)
-                attend_decode(out, q, kc, vc, meta.decode.rows[banded], meta.band_decode.take(banded), scale)
+        prefill_into(out, q, k, v, kc, vc, work.prefill, scale)
+        for rows, plan in work.decode:
+            attend_decode(out, q, kc, vc, rows, plan, scale)
         return out
 
     def check(self, params: SlidingWindowParams) -> None:

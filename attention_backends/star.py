@@ -27,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.dense import DecodeRows, attend_decode, exact_decode_rows
+from attention_backends.dense import DecodeRows, attend_decode, exact_decode
 from attention_backends.kernels.merge import attention_with_lse, merge_attention_states
 from attention_backends.kernels.paged import take_blocks, write_kv
-from attention_backends.kernels.prefill import PrefillPlan, paged_prefill, prefill_plan
+from attention_backends.kernels.prefill import PrefillBatch, PrefillPlan, prefill_batch, prefill_into, prefill_plan
 from attention_backends.registry import register_backend
 
 QUERY_RANK = 0  # holds the KV of query and generated tokens
@@ -117,17 +117,6 @@ class StarLayout:
 
 
 @dataclass(frozen=True, slots=True)
-class Segment:
-    """Packed rows `[start, end)` at consecutive positions: a run of one context block (phase 1), or of query rows
-    on one rank (exact and causal)."""
-
-    start: int
-    end: int
-    block_table: torch.Tensor
-    plan: PrefillPlan
-
-
-@dataclass(frozen=True, slots=True)
 class Shard:
     """One sharded sequence's phase-2 rows `[start, end)`: this rank's KV blocks and which keys each row sees."""
 
@@ -139,7 +128,9 @@ class Shard:
 
 @dataclass(frozen=True, slots=True)
 class StarMeta:
-    segments: list[Segment]
+    # Runs of packed rows at consecutive positions: of one context block (phase 1: the anchor, then the block
+    # causally), or of query rows on one rank (everything before them, causally); read from the cache.
+    segments: PrefillBatch
     decode: DecodeRows | None  # unsharded decodes: exact
     shards: list[Shard]
     write: torch.Tensor | None  # the batch rows whose K/V this rank keeps; None: all
@@ -184,7 +175,8 @@ class StarBackend(AttentionBackend[StarMeta]):
         return lay.rows(self.rank, step.num_computed_tokens, step.end)[0]
 
     def prepare(self, batch: BackendBatch[StarMeta]) -> StarMeta:
-        segments, decodes, shards, writes = [], [], [], []
+        segments: list[tuple[int, torch.Tensor, PrefillPlan]] = []
+        decodes, shards, writes = [], [], []
         for seq in batch.seqs:
             lay = self.layout(seq.params, seq.prompt_len)
             if lay.sharded:
@@ -201,13 +193,15 @@ class StarBackend(AttentionBackend[StarMeta]):
             if n_ctx < len(pos):
                 shards.append(self._shard(seq, pos, n_ctx, lay))
         write = torch.cat(writes) if writes else torch.zeros(0, dtype=torch.bool)
-        return StarMeta(segments, exact_decode_rows(decodes, self.spec), shards,
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        return StarMeta(prefill_batch(segments, group, self.kv.device, self.kv.num_blocks),
+                        exact_decode(decodes, self.spec, self.kv), shards,
                         None if bool(write.all()) else write.nonzero().squeeze(1))
 
-    def _segments(self, seq: SeqStep, pos: torch.Tensor, lay: StarLayout) -> list[Segment]:
-        """Runs of rows in one context block (phase 1: the anchor, then the block causally), or of query rows on
-        one rank (everything before them, causally)."""
-        out: list[Segment] = []
+    def _segments(self, seq: SeqStep, pos: torch.Tensor, lay: StarLayout) -> list[tuple[int, torch.Tensor,
+                                                                                      PrefillPlan]]:
+        """The runs of `pos` in one context block, or of query rows, as chunks (first row, block table, plan)."""
+        out = []
         if not len(pos):
             return out
         kind = torch.where(pos < lay.context_len, pos // lay.block, -1)
@@ -218,7 +212,7 @@ class StarBackend(AttentionBackend[StarMeta]):
             first, block = int(pos[s]), int(kind[s])
             ranges = dict(sinks=lay.anchor, lo=block * lay.block) if block > 0 else {}
             plan = prefill_plan(first, e - s, dtype=dtype, device=device, **ranges)
-            out.append(Segment(seq.query_start + s, seq.query_start + e, seq.block_table, plan))
+            out.append((seq.query_start + s, seq.block_table, plan))
         return out
 
     def _shard(self, seq: SeqStep, pos: torch.Tensor, n_ctx: int, lay: StarLayout) -> Shard:
@@ -240,9 +234,7 @@ class StarBackend(AttentionBackend[StarMeta]):
             keep = meta.write
             write_kv(kc, vc, k[:, keep].transpose(0, 1), v[:, keep].transpose(0, 1), batch.slot_mapping[keep])
         out = torch.empty_like(q)
-        for seg in meta.segments:
-            out[:, seg.start : seg.end] = paged_prefill(q[:, seg.start : seg.end], kc, vc, seg.block_table, seg.plan,
-                                                        scale)
+        prefill_into(out, q, None, None, kc, vc, meta.segments, scale)
         if meta.decode is not None:
             attend_decode(out, q, kc, vc, meta.decode.rows, meta.decode.plans[None], scale)
         if meta.shards:

@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # read when a Triton kernel is defined: before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.model_loader import LoadedModel, load_model  # noqa: E402

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attention_backends.kernels.dispatch import check_ids, use_triton
 from attention_backends.kernels.paged import gather_head_slots, sdpa
 from attention_backends.kernels.slots import slot_attention
 
@@ -139,11 +140,15 @@ def causal_tail_mask(sel: Selection, dtype: torch.dtype) -> torch.Tensor:
 def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, start: int, table: torch.Tensor,
                    c: Compressed, sel: Selection, scale: float) -> torch.Tensor:
     """Queries q `[H_q, T, D]` at positions `start..start+T-1` (every one at or past block k - 1), whose keys
-    are all in the cache -> `[H_q, T, D]`. Query groups run in tiles that bound the gathered K/V."""
+    are all in the cache -> `[H_q, T, D]`. Query groups run in tiles that bound the gathered K/V; with the
+    Triton kernel, selection runs in those tiles and attention in one launch."""
     hq, t, d = q.shape
     b, hkv = sel.block, c.fine.shape[1]
     m0, m1 = start // b, (start + t - 1) // b + 1
     table = padded_table(table, m1, sel)
+    triton_pages = [] if use_triton(q.device) else None
+    if triton_pages is not None:
+        check_ids(table, k_cache.shape[0], "block ids")
     mask = causal_tail_mask(sel, q.dtype)
     tile = max(1, TILE_ELEMS // (hkv * sel.k * b * d))
     out = torch.empty_like(q)
@@ -155,11 +160,18 @@ def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor
         groups = torch.zeros(hkv, mb - ma, probs.shape[-1], device=probs.device)
         groups.index_add_(1, (qpos // b - ma).to(probs.device), probs)
         pages = block_pages(select_blocks(groups, torch.arange(ma, mb), sel).cpu(), table, sel)  # [H_kv, M, n]
+        if triton_pages is not None:
+            triton_pages.append(pages)
+            continue
         k, v = (x.transpose(0, 1) for x in gather_head_slots(k_cache, v_cache, page_slots(pages, sel.page)))
         qpad = q.new_zeros(hq, (mb - ma) * b, d)
         qpad[:, qpos - ma * b] = q[:, r0:r1]
         o = sdpa(qpad.view(hq, mb - ma, b, d).transpose(0, 1), k, v, scale, mask=mask)
         out[:, r0:r1] = o.transpose(0, 1).reshape(hq, -1, d)[:, qpos - ma * b]
+    if triton_pages is not None:
+        from attention_backends.kernels import triton_block_sparse
+
+        return triton_block_sparse.attend(q, k_cache, v_cache, torch.cat(triton_pages, 1), start, m0, b, sel.k, scale)
     return out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from attention_backends.kernels.dispatch import use_triton
+
 _QUERY_TILE = 256  # query rows per score matrix, so a long query over a long shard stays in cache-sized pieces
 
 
@@ -43,6 +45,10 @@ def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torc
     """Merge shard results: outs `[S, ..., D]` and lses `[S, ...]` (shard first) into `[..., D]` and `[...]`,
     exactly the attention over the union of the shards' keys. Max-stabilised, so no gap between shards
     overflows; a row whose every shard is empty stays zero with LSE -inf."""
+    if use_triton(outs.device):
+        from attention_backends.kernels import triton_merge
+
+        return triton_merge.merge_attention_states(outs, lses)
     lses = lses.float()
     top = lses.amax(dim=0)
     top = torch.where(top.isfinite(), top, 0.0)

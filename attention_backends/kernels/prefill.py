@@ -5,15 +5,18 @@ lo and window that is dense causal attention (a chunk after cached context inclu
 SWAA's band with sink tokens; `sinks` = anchor and `lo` = its block's start is Star Attention's phase 1. The
 plan, built once per step and shared by every layer, reads only the visible keys: the sink keys, then the
 band from the first query's window start. With a window, queries run in tiles so that each tile reads its
-own band, never the whole context.
+own band, never the whole context. A step's chunks go together in a `PrefillBatch`, which the Triton kernel
+(`triton_prefill.py`) runs in one launch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from attention_backends.kernels.dispatch import check_ids, use_triton
 from attention_backends.kernels.paged import gather_range, sdpa
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
@@ -34,11 +37,15 @@ class PrefillTile:
 
 @dataclass(frozen=True, slots=True)
 class PrefillPlan:
-    """The key list of a chunk of `length` queries from position `start`: positions `[0, sink_keys)` and
-    `[band_lo, start + length)`; and each tile's columns of it."""
+    """A chunk of `length` queries from position `start` and what they see (`sinks`, `lo`, `window`). The reference
+    reads the key list positions `[0, sink_keys)` and `[band_lo, start + length)`, in `tiles` of it (none when the
+    Triton kernel runs the chunk)."""
 
     start: int
     length: int
+    sinks: int
+    lo: int
+    window: int | None
     sink_keys: int
     band_lo: int
     tiles: tuple[PrefillTile, ...]
@@ -48,6 +55,8 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PrefillPlan:
     band_lo = max(lo, start - window + 1, 0) if window is not None else lo
     sink_keys = min(sinks, band_lo)
+    if use_triton(device):
+        return PrefillPlan(start, length, sinks, lo, window, sink_keys, band_lo, ())
     positions = torch.cat([torch.arange(sink_keys), torch.arange(band_lo, start + length)])
     tile_rows = TILE if window is not None else length
     tiles = []
@@ -68,7 +77,7 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
             visible &= (qpos - keys < window) | (keys < sinks)
         mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf")).to(device)
         tiles.append(PrefillTile(q0, q1, sink_end, w0, w1, mask, False))
-    return PrefillPlan(start, length, sink_keys, band_lo, tuple(tiles))
+    return PrefillPlan(start, length, sinks, lo, window, sink_keys, band_lo, tuple(tiles))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -76,6 +85,11 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   ) -> torch.Tensor:
     """q `[H_q, T, D]` at positions `plan.start..`, over its visible keys read through the block table (the
     chunk's own ones from `fresh` `[H_kv, T, D]`, when given: what the cache holds there) -> `[H_q, T, D]`."""
+    if not plan.tiles:  # planned for the Triton kernel
+        out = torch.empty_like(q)
+        batch = prefill_batch([(0, block_table, plan)], q.shape[0] // k_cache.shape[2], q.device)
+        prefill_into(out, q, None, None, k_cache, v_cache, batch, scale)
+        return out
     end = plan.start + plan.length
     parts = []
     if plan.sink_keys:
@@ -101,3 +115,48 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     for tile in plan.tiles:
         out[:, tile.q0 : tile.q1] = attend(tile)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillBatch:
+    """A step's chunks: (first row in the packed batch, block table, plan) each; and, for the Triton kernel, the
+    same as int32 tensors on the cache's device (tables `[C, N]`, chunks `[6, C]`, tiles `[2, n]`)."""
+
+    chunks: list[tuple[int, torch.Tensor, PrefillPlan]]
+    triton: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def prefill_batch(chunks: Sequence[tuple[int, torch.Tensor, PrefillPlan]], group: int,
+                  device: torch.device | str = "cpu", num_blocks: int | None = None) -> PrefillBatch:
+    """Chunks attended together; `group` is the model's query heads per KV head (it sets the Triton tile)."""
+    chunks = list(chunks)
+    if not chunks or not use_triton(device):
+        return PrefillBatch(chunks)
+    from attention_backends.kernels.triton_prefill import block_q
+
+    width = max(len(table) for _, table, _ in chunks)
+    tables = torch.zeros(len(chunks), width, dtype=torch.long)
+    for i, (_, table, _) in enumerate(chunks):
+        tables[i, : len(table)] = table
+    if num_blocks is not None:
+        check_ids(tables, num_blocks, "block ids")
+    rows = torch.tensor([[row, p.start, p.length, p.sinks, p.lo, -1 if p.window is None else p.window]
+                         for row, _, p in chunks]).T
+    bq = block_q(group)
+    tiles = torch.tensor([(i, q0) for i, (_, _, p) in enumerate(chunks) for q0 in range(0, p.length, bq)]).T
+    return PrefillBatch(chunks, tuple(t.to(device, torch.int32).contiguous() for t in (tables, rows, tiles)))
+
+
+def prefill_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch, scale: float) -> None:
+    """Each chunk's rows of `out` `[H_q, T, D]` from `q`; fresh `k`/`v` `[H_kv, T, D]` (what the cache holds at those
+    rows) spare the reference a read of the chunk's own keys."""
+    if batch.triton is not None:
+        from attention_backends.kernels import triton_prefill
+
+        triton_prefill.prefill_into(out, q, k_cache, v_cache, *batch.triton, scale)
+        return
+    for row, table, plan in batch.chunks:
+        rows = slice(row, row + plan.length)
+        fresh = None if k is None else (k[:, rows], v[:, rows])
+        out[:, rows] = paged_prefill(q[:, rows], k_cache, v_cache, table, plan, scale, fresh)
