@@ -29,8 +29,9 @@ from pydantic import Field
 
 from attention_backends.base import Capabilities
 from attention_backends.calibration import CalibratedBackend, CalibratedParams
-from attention_backends.context import BackendBatch, SeqStep
+from attention_backends.context import BackendBatch, Phase, SeqStep
 from attention_backends.kernels.paged import cdiv, gather_range, sdpa
+from attention_backends.kernels.slots import slot_attention
 from attention_backends.registry import register_backend
 from attention_backends.tca_calibration import TCACalibrator, block_attention, budget_class, redundancy
 
@@ -112,6 +113,9 @@ class TCABackend(CalibratedBackend[TCAMeta]):
             self.decide(layer, q[:, rows], blocks, self.artifact(seq.params), scale)
         out = torch.empty_like(q)
         for seq in batch.seqs:
+            if seq.phase is Phase.DECODE:
+                self.decode(layer, q, seq, scale, out)
+                continue
             region = self.region(layer, seq)
             for t0 in range(0, seq.query_len, TILE):
                 n = min(TILE, seq.query_len - t0)
@@ -126,16 +130,37 @@ class TCABackend(CalibratedBackend[TCAMeta]):
         keep = a.argsort(-1, descending=True).argsort(-1) < budget.unsqueeze(-1)  # [H_kv, N, bs]
         self.keep.data[layer, dev] = keep.permute(1, 2, 0)
 
-    def region(self, layer: int, seq: SeqStep[TCAParams, TCAState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's region tokens per KV head, padded to the longest: K and V `[H_kv, C, D]`, and which of
-        them each query head sees `[H_q, C]`."""
+    def region_rows(self, layer: int, seq: SeqStep[TCAParams, TCAState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's region tokens per KV head, padded to the longest: their rows `[H_kv, C]` of `k_all.view(-1, D)`
+        (a head's tokens may sit in any head's column of any layer's plane), and which are real."""
         rows = seq.state.rows[layer]
         n = max(len(r) for r in rows)
-        padded = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows]).to(self.kv.device)
-        valid = torch.arange(n) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
-        d = self.spec.head_dim
-        kr, vr = (t.view(-1, d)[padded] for t in (self.kv.k_all, self.kv.v_all))
+        padded = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows])
+        return padded, torch.arange(n) < torch.tensor([len(r) for r in rows]).unsqueeze(1)
+
+    def region(self, layer: int, seq: SeqStep[TCAParams, TCAState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's region tokens per KV head: K and V `[H_kv, C, D]`, and which of them each query head sees
+        `[H_q, C]`."""
+        rows, valid = self.region_rows(layer, seq)
+        rows, d = rows.to(self.kv.device), self.spec.head_dim
+        kr, vr = (t.view(-1, d)[rows] for t in (self.kv.k_all, self.kv.v_all))
         return kr, vr, valid.to(self.kv.device).repeat_interleave(self.spec.num_heads // self.spec.num_kv_heads, 0)
+
+    def decode(self, layer: int, q: torch.Tensor, seq: SeqStep[TCAParams, TCAState], scale: float, out: torch.Tensor
+               ) -> None:
+        """A decode query over the kept region tokens and every token from the frontier on, through the kernel
+        layer's slot attention: the cache of all layers seen as rows (blocks of one token, one KV head), so each KV
+        head's list is its region rows, then the frontier's rows of its own column."""
+        rows, kept = self.region_rows(layer, seq)
+        bs, hkv, d = self.spec.block_size, self.spec.num_kv_heads, self.spec.head_dim
+        pos = torch.arange(seq.state.frontier, seq.context_len)
+        slots = (layer * self.kv.num_blocks + seq.block_table[pos // bs]) * bs + pos % bs
+        recent = slots * hkv + torch.arange(hkv).unsqueeze(1)  # [H_kv, L - frontier]
+        rows = torch.cat([rows, recent], 1).unsqueeze(1)  # [H_kv, 1, C + L - frontier]
+        visible = torch.cat([kept, torch.ones(hkv, len(pos), dtype=torch.bool)], 1).unsqueeze(1)
+        row = seq.query_start
+        out[:, row : row + 1] = slot_attention(q[:, row : row + 1], self.kv.k_all.view(-1, 1, 1, d),
+                                               self.kv.v_all.view(-1, 1, 1, d), rows, visible, scale)
 
     def attend(self, layer: int, q: torch.Tensor, seq: SeqStep[TCAParams, TCAState], region: tuple[torch.Tensor, ...],
                start: int, pos: int, n: int, scale: float, out: torch.Tensor) -> None:
