@@ -75,6 +75,21 @@ def run_steps(backend: AttentionBackend, seqs: dict[str, SynthSeq], schedule: li
                 after(nm, st)
 
 
+def tiny_llama(path: Path, loaded, hidden_size: int, intermediate_size: int, max_position_embeddings: int):
+    """A random 2-layer Llama (4 query / 2 KV heads) saved at `path` with the embedded model's tokenizer, loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engine.model_loader import load_model
+
+    config = AutoConfig.for_model("llama", hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=max_position_embeddings, vocab_size=loaded.config.vocab_size)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return load_model(str(path), progress=False)
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
                      ) -> torch.Tensor:
     """The explicit reference: q `[H_q, T, D]` over k/v `[H_kv, K, D]` with a bool mask `[T, K]` or

@@ -16,16 +16,15 @@ from backend_harness import (
     masked_attention,
     run_steps,
     serve_default_recipes,
+    tiny_llama,
 )
 from conftest import natural_text
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from attention_backends.context import AttentionSpec, Phase
 from attention_backends.registry import BackendError, validate_params
 from attention_backends.sliding_window import SlidingWindowBackend
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
 
@@ -141,13 +140,7 @@ def test_preemption_recomputes_exactly(make_engine, prompts):
 
 
 def test_release_kv_bounds_the_blocks_a_sequence_holds(tmp_path, loaded):
-    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                                  vocab_size=loaded.config.vocab_size)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    loaded.tokenizer.save_pretrained(tmp_path)
-    tiny = load_model(str(tmp_path), progress=False)
+    tiny = tiny_llama(tmp_path, loaded, hidden_size=64, intermediate_size=128, max_position_embeddings=8192)
     engine = LLMEngine(EngineConfig(num_kv_blocks=600, max_model_len=8192, max_num_batched_tokens=512), loaded=tiny)
     window, sinks = 200, 20
     bound = math.ceil((sinks + window) / BS) + 2
