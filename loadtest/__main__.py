@@ -26,7 +26,7 @@ from loadtest.report import (
 from loadtest.runner import Job, check_target, run_jobs
 from loadtest.scoring import score
 from loadtest.tokens import LocalTokenizer, ServerTokenizer
-from loadtest.workloads import build, make_task
+from loadtest.workloads import build, make_task, short_samples
 
 
 def _csv(kind):
@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     ap.add_argument("--models", type=_csv(str), default=None, help="served model names (default: all listed)")
     ap.add_argument("--tasks", type=_csv(str), default=["passkey", "niah"],
-                    help="passkey, niah (noise haystack), niah_text, vt, kv")
+                    help="passkey, niah (noise haystack), niah_text, vt, kv, short (factual questions under 64 "
+                         "tokens, scored against --reference-model's answers)")
+    ap.add_argument("--reference-model", default=None,
+                    help="whose answers the short questions are scored against (default: the first model)")
     ap.add_argument("--num-keys", type=int, default=1, help="niah: keys in the haystack (the others are decoys)")
     ap.add_argument("--num-values", type=int, default=1, help="niah: values per key, all asked for")
     ap.add_argument("--lengths", type=_csv(int), default=[1000, 2000, 4000], help="prompt tokens")
@@ -67,6 +70,9 @@ def make_jobs(args: argparse.Namespace, models: list[str], tok) -> list[Job]:
     placements = [(f"{d:g}", d, None) for d in args.depths] + [(f"@{o}", None, o) for o in args.offsets]
     jobs = []
     for task in args.tasks:
+        if task == "short":
+            jobs += [Job(m, sample, "-") for sample in short_samples(tok) for m in models]
+            continue
         for n in args.lengths:
             for label, depth, offset in placements:
                 for k in range(args.samples):
@@ -90,14 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     results, duration = asyncio.run(run_jobs(args.base_url, jobs, args.request_rate, args.burstiness,
                                              args.max_concurrency, args.time_limit, args.timeout, args.api_key,
                                              args.seed, not args.no_progress))
+    reference = args.reference_model or models[0]
+    said = {id(j.sample): r.text.strip() for j, r in zip(jobs, results) if j.model == reference and r.ok}
     rows = []
     for job, r in zip(jobs, results):
         s = job.sample
+        if s.task == "short":  # the reference model's answer, word for word
+            correct = r.ok and id(s) in said and r.text.strip() == said[id(s)]
+        else:
+            correct = r.ok and score(s.task, s.answers, r.text)
         rows.append({"model": job.model, "task": s.task, "target_tokens": s.target_tokens,
                      "prompt_tokens": r.prompt_tokens or s.prompt_tokens, "depth_target": job.depth_label,
                      "depth": round(s.depth, 4), "needle_offsets": " ".join(map(str, s.needle_offsets)),
                      "ok": r.ok, "status": r.status, "error": r.error,
-                     "correct": r.ok and score(s.task, s.answers, r.text),
+                     "correct": correct,
                      "ttft_ms": (r.ttft or 0) * 1000, "tpot_ms": r.tpot * 1000, "e2el_ms": (r.e2el or 0) * 1000,
                      "output_tokens": r.output_tokens, "start_s": r.start,
                      "itls_ms": " ".join(f"{x * 1000:.1f}" for x in r.itls), "output": r.text[:200]})

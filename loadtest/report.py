@@ -46,6 +46,7 @@ def plot_ttft_vs_length(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def plot_accuracy_heatmap(path: Path, cells: list[dict[str, Any]]) -> None:
     """One panel per (task, model): needle depth x prompt length, the share answered right."""
+    cells = [c for c in cells if c["depth"] != "-"]  # the short questions have no needle: the table shows them
     models = sorted({c["model"] for c in cells})
     tasks = sorted({c["task"] for c in cells})
     lengths = sorted({c["target_tokens"] for c in cells})

@@ -25,6 +25,11 @@ _OBJECTS = ["the wooden bridge", "a blue lantern", "the stone tower", "three cop
 _WHEN = ["in the morning", "after the storm", "before supper", "on a Sunday", "during the fair", "at dusk"]
 WORDS = ["apple", "river", "candle", "falcon", "marble", "violet", "thunder", "pepper", "meadow", "copper",
          "lantern", "harbor", "willow", "saddle", "glacier", "orchid", "velvet", "cobalt", "ember", "quartz"]
+# Short factual questions, each well under 64 tokens: a long-context method must not change their answers.
+SHORT_LIMIT = 64
+SHORT_QUESTIONS = ["What is the capital of Japan?", "What is the largest planet in the solar system?",
+                   "Who wrote the play Romeo and Juliet?", "How many legs does a spider have?",
+                   "What is the boiling point of water at sea level in degrees Celsius?"]
 
 
 def text_haystack(num_sentences: int, rng: random.Random) -> str:
@@ -60,19 +65,27 @@ class Task:
 
 
 def make_task(name: str, rng: random.Random, num_keys: int = 1, num_values: int = 1) -> Task:
-    if name == "passkey":
-        key = str(rng.randint(10000, 99999))
-        return Task(name, [f" The pass key is {key}. Remember it. {key} is the pass key. "], [key],
-                    "What is the pass key? Answer with the number only.", "noise", 12)
-    if name in ("niah", "niah_text"):
+    if name == "passkey":  # seven digits, said once: a model must keep every digit from one place
+        key = str(rng.randint(1000000, 9999999))
+        return Task(name, [f" The pass key is {key}. "], [key], "What is the pass key? Answer with the number only.",
+                    "noise", 16)
+    if name == "niah_text":  # a seven-digit code stated once in prose, among prose (other keys' codes: decoys)
+        keys = rng.sample(WORDS, num_keys)
+        values = [[str(rng.randint(1000000, 9999999)) for _ in range(num_values)] for _ in keys]
+        needles = [f" {rng.choice(_SUBJECTS)} wrote down that the code to the {k} safe is {v}. "
+                   for k, vs in zip(keys, values) for v in vs]
+        rng.shuffle(needles)
+        ask = (f"What is the code to the {keys[0]} safe? Answer with the number only." if num_values == 1 else
+               f"What are all the codes to the {keys[0]} safe? Answer with the numbers only.")
+        return Task(name, needles, values[0], ask, "text", 24 * num_values)
+    if name == "niah":
         keys = rng.sample(WORDS, num_keys)  # the first is asked for; the others are decoys
         values = [[str(rng.randint(1000000, 9999999)) for _ in range(num_values)] for _ in keys]
         needles = [f" One of the special magic numbers for {k} is: {v}. " for k, vs in zip(keys, values) for v in vs]
         rng.shuffle(needles)
         ask = "numbers" if num_values > 1 else "number"
         return Task(name, needles, values[0], f"What are all the special magic {ask} for {keys[0]} mentioned in "
-                    "the text? Answer with the numbers only.", "text" if name == "niah_text" else "noise",
-                    32 * num_values)
+                    "the text? Answer with the numbers only.", "noise", 32 * num_values)
     if name == "vt":
         value, names = str(rng.randint(10000, 99999)), rng.sample([f"VAR_{w.upper()}" for w in WORDS], 4)
         needles = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
@@ -82,7 +95,7 @@ def make_task(name: str, rng: random.Random, num_keys: int = 1, num_values: int 
         key, value = str(uuid.UUID(int=rng.getrandbits(128))), str(uuid.UUID(int=rng.getrandbits(128)))
         return Task(name, [f'"{key}": "{value}", '], [value], f"What is the value of key {key} in the JSON "
                     "object above? Answer with the value only.", "json", 40, preamble="{", closing="}")
-    raise ValueError(f"unknown task {name!r}: passkey, niah, niah_text, vt, kv")
+    raise ValueError(f"unknown task {name!r}: passkey, niah, niah_text, vt, kv (short takes no haystack)")
 
 
 def _filler(kind: str, rng: random.Random, chars: int) -> str:
@@ -137,3 +150,13 @@ def build(tok: Tokenizer, task: Task, target_tokens: int, depth: float | None = 
     return Sample(task.name, messages, task.answers, target_tokens, count, sorted(cuts)[0] / max(1, len(hay_ids)),
                   sorted(cuts), task.max_tokens)
 
+
+def short_samples(tok: Tokenizer) -> list[Sample]:
+    """The short factual questions, each alone in a chat turn. Their answers are not known up front: they are
+    scored against a reference model's (dense's) own answers."""
+    out = []
+    for q in SHORT_QUESTIONS:
+        messages = [{"role": "user", "content": q}]
+        n = tok.count_chat(messages)
+        out.append(Sample("short", messages, [], SHORT_LIMIT, n, 0.0, [], 32))
+    return out

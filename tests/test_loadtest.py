@@ -23,7 +23,7 @@ from loadtest.metrics import parse_slo, summarize
 from loadtest.runner import Job, arrival_times, check_target, run_jobs
 from loadtest.scoring import score
 from loadtest.tokens import LocalTokenizer
-from loadtest.workloads import Sample, build, make_task
+from loadtest.workloads import SHORT_LIMIT, SHORT_QUESTIONS, Sample, build, make_task
 
 SCRIPT = [0.20, 0.05, 0.10]  # seconds before each token chunk
 EMITTED: list[float] = []  # perf_counter when each token chunk of the last "ok" stream was handed to the server
@@ -154,16 +154,20 @@ def test_end_to_end_against_the_real_server(start_server, tmp_path):
     swaa = validate_params("sliding_window", {"window": 256, "sinks": 16})
     server = start_server(served_models=[ServedModel("dense", "dense", NoParams()),
                                          ServedModel("swaa", "sliding_window", swaa)])
-    code = loadtest_main(["--base-url", server.url, "--tasks", "passkey", "--lengths", "300,600", "--depths",
+    code = loadtest_main(["--base-url", server.url, "--tasks", "passkey,short", "--lengths", "300,600", "--depths",
                           "0.1,0.5,0.9", "--max-concurrency", "4", "--out", str(tmp_path), "--no-progress",
                           "--slo", "ttft:60000"])
     assert code == 0
     report = json.loads(next(tmp_path.glob("loadtest-*.json")).read_text())
-    assert report["completed"] == 12 and report["failed"] == 0
+    assert report["completed"] == 12 + 2 * len(SHORT_QUESTIONS) and report["failed"] == 0
     assert {"mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "mean_e2el_ms", "request_throughput",
             "output_throughput", "request_goodput"} <= set(report)
-    assert set(report["per_model"]) == {"dense", "swaa"} and len(report["accuracy"]) == 12
+    assert set(report["per_model"]) == {"dense", "swaa"} and len(report["accuracy"]) == 12 + 2
     rows = list(csv.DictReader(next(tmp_path.glob("loadtest-*.csv")).open()))
+    short = [r for r in rows if r["task"] == "short"]
+    rows = [r for r in rows if r["task"] != "short"]
     assert len(rows) == 12 and all(abs(int(r["prompt_tokens"]) - int(r["target_tokens"])) <= 6 for r in rows)
+    # Scored against dense's own answers; a 256-token window is dense on questions this short.
+    assert all(int(r["prompt_tokens"]) < SHORT_LIMIT and r["correct"] == "True" for r in short), short
     for png in ("ttft_vs_length.png", "accuracy_heatmap.png", "latency_cdf.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
