@@ -4,7 +4,8 @@ Offline (`longserve calibrate --backend loki`): PCA of each layer's post-RoPE ke
 are stored rotated into that orthonormal basis, queries are rotated alike (so exact attention over rotated
 q and k equals attention over the originals), and each key's first d channels are also written to a side
 table so that scoring reads only them. A decode query scores every cached token on d channels, keeps the
-top `k_frac` of them (plus `sinks` and a `local_window`, never scored away) and attends exactly to those.
+top `k_frac` of them (plus `sinks` and a `local_window`, never scored away) and attends exactly to those;
+a query whose context is shorter than `dense_len` keeps every token (the floor, `scorer.py`).
 Selection is per KV group by default (the group's approximate scores summed: one gather serves its heads);
 `selection: head` is the paper's per-query-head rule. Prefill is dense unless `prefill: topk`, which applies
 the same per-row top-k to every prompt query, as the paper's accuracy runs did.
@@ -27,6 +28,10 @@ from kv_cache.paged_kv import SideTable
 
 
 class LokiParams(ScorerParams, CalibratedParams):
+    # Top-k alone (the paper's rule, tuned on 7B-13B models) loses needles from 4k on with the embedded model;
+    # keeping the first 64 and the last 256 tokens restores them at the same k (BENCHMARKS.md, issue 18).
+    sinks: int = Field(64, ge=0, description="first tokens always kept")
+    local_window: int = Field(256, ge=0, description="most recent tokens always kept")
     d_frac: float = Field(0.25, gt=0, le=1, description="principal channels the approximate scores read")
     selection: Literal["group", "head"] = Field("group", description="one token set per KV group, or per query head")
 

@@ -1,11 +1,19 @@
 """Score the cached tokens, keep the top k, attend exactly to those: the shape of Loki and of kvpress's scorer presses.
 
 A subclass supplies `score`; the base does the rest. Each query row keeps the `k_frac` share of the keys up to
-its position (at least one) that score highest, plus the first `sinks` tokens and the `local_window` most recent
-ones, which are never scored away, and attends exactly to what it kept through the kernel layer's slot
+its position (at least `min_keep`) that score highest, plus the first `sinks` tokens and the `local_window` most
+recent ones, which are never scored away, and attends exactly to what it kept through the kernel layer's slot
 attention. Scores come per key set: one per KV head (the heads of a group share what they keep: one gather
 serves them) or one per query head. Prefill is exact unless `prefill: topk` applies the decode rule to every
 prompt row. With `k_frac` 1 every key is kept, which is dense attention.
+
+The dense floor: a row whose context is shorter than `dense_len` keeps every key (a decode row there takes the
+exact path, as `dense` computes it), so short prompts cost nothing. A top-k over a few dozen tokens keeps a
+handful of them, which a small model does not survive (a 37-token question kept 9 tokens and lost its answer).
+The default 2,048 is measured on the embedded model: up to it a decode step grows little with the context
+(dense's TPOT: 78 ms at 1k, 88 ms at 2k, 133 ms at 7k in the issue-18 matrix, BENCHMARKS.md), so top-k has
+little to save there, and with it Loki's served recipe gave dense's answer in every cell of that matrix.
+`min_keep` bounds how few keys a row keeps past the floor when `k_frac` or `dense_len` is set low.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ class ScorerParams(BaseModel):
     k_frac: float = Field(0.25, gt=0, le=1, description="tokens each decode query keeps, a fraction of its context")
     sinks: int = Field(0, ge=0, description="first tokens always kept")
     local_window: int = Field(0, ge=0, description="most recent tokens always kept")
+    min_keep: int = Field(256, ge=1, description="tokens a query keeps at least (sinks and local ones aside)")
+    dense_len: int = Field(2048, ge=0, description="a query whose context is shorter than this keeps every token")
     prefill: Literal["dense", "topk"] = Field("dense", description="topk: the decode rule on every prompt row too")
 
 
@@ -59,10 +69,12 @@ class ScorerBackend(AttentionBackend[MetaT]):
 
     def scorer_meta(self, batch: BackendBatch) -> ScorerMeta:
         prefills = [s for s in batch.seqs if s.phase is Phase.PREFILL]
-        exact = [s for s in prefills if s.params.prefill == "dense"]
+        # Decodes under the floor run exactly, with the exact prefills.
+        exact = [s for s in batch.seqs if (s.phase is Phase.PREFILL and s.params.prefill == "dense")
+                 or (s.phase is Phase.DECODE and s.context_len < s.params.dense_len)]
         return ScorerMeta(dense_meta(exact, self.spec, self.kv),
                           [s for s in prefills if s.params.prefill == "topk"],
-                          [s for s in batch.seqs if s.phase is Phase.DECODE])
+                          [s for s in batch.seqs if s.phase is Phase.DECODE and s.context_len >= s.params.dense_len])
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[MetaT],
                 scale: float) -> torch.Tensor:
@@ -95,7 +107,8 @@ class ScorerBackend(AttentionBackend[MetaT]):
         kpos = torch.arange(length, device=scores.device)
         forced = ((kpos < p.sinks) | (kpos > qpos - p.local_window)) & (kpos <= qpos)
         scores = scores.masked_fill(forced, float("inf")).masked_fill(kpos > qpos, float("-inf"))
-        budget = (p.k_frac * (qpos + 1)).long().clamp_min(1) + forced.sum(1, keepdim=True)  # [n, 1]
+        budget = (p.k_frac * (qpos + 1)).long().clamp_min(p.min_keep) + forced.sum(1, keepdim=True)  # [n, 1]
+        budget = torch.where(qpos + 1 < p.dense_len, qpos + 1, budget)  # under the floor: every key
         top = scores.topk(int(budget.max().clamp_max(length)), -1)  # [S, n, keep]
         keep = top.indices.shape[-1]
         visible = (torch.arange(keep, device=scores.device) < budget) & (top.values > float("-inf"))

@@ -6,6 +6,9 @@ tokens, and full-attention layers interleaved (`full_attention_layers`). Prefill
 each query tile needs (its sink blocks and the blocks inside its window), never a full score matrix.
 With windowed decode as well and no full-attention layer, `release_kv` hands blocks behind the window
 back to the pool, so a sequence holds O(sinks + window) KV however long it runs.
+
+The dense floor is the window itself: a sequence no longer than `window` sees every earlier key in every
+layer, which is exactly `dense`, and nothing is released.
 """
 
 from __future__ import annotations

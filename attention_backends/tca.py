@@ -17,6 +17,12 @@ simplest choices consistent with it:
   *mean* kept share over layers and heads, not the union over a layer's heads or the largest layer's.
   Region blocks are the first compacted blocks themselves; the rest return to the pool. They hold no
   positions, so TCA requests take no part in prefix caching.
+- The dense floor: nothing is compacted until the sequence holds `dense_len` tokens, so a shorter one attends to
+  every token, exactly as `dense`; past it, the blocks behind the local window are compacted at once, with the
+  budgets their completion decided. The default 2,048 is measured on the embedded model: a 2k request's whole
+  cache is under 5% of `make serve`'s 2 GiB pool, so evicting there saves little; without the floor the served
+  recipe lost a 2k passkey (BENCHMARKS.md, issue 5); with it every 1k and 2k cell of the issue-18 matrix is
+  dense's answer.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class TCAParams(CalibratedParams):
 
     tolerance: float = Field(0.01, gt=0, lt=1, description="calibration: attention mass a head may lose")
     local_blocks: int = Field(4, ge=1, description="most recent blocks kept whole, the current one included")
+    dense_len: int = Field(2048, ge=0, description="nothing is evicted until the sequence holds this many tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +185,7 @@ class TCABackend(CalibratedBackend[TCAMeta]):
         """Compact the blocks that left the local window; give back those the region did not absorb."""
         st, bs, hkv, layers = step.state, self.spec.block_size, self.spec.num_kv_heads, self.spec.num_layers
         frontier = max(st.frontier, ((step.end - 1) // bs - step.params.local_blocks + 1) * bs)
-        if frontier <= st.frontier:
+        if frontier <= st.frontier or step.end < step.params.dense_len:
             return []
         indices = list(range(st.frontier // bs, frontier // bs))
         slots = (step.block_table[indices].unsqueeze(1) * bs + torch.arange(bs)).flatten()

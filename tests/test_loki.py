@@ -68,15 +68,20 @@ def reference(q, qpos, k, v, w, p, scale):
                 forced = [j for j in range(pos + 1) if j < p.sinks or j > pos - p.local_window]
                 s = s.clone()
                 s[forced] = float("inf")
-                budget = min(pos + 1, max(1, int(p.k_frac * (pos + 1))) + len(forced))
+                budget = max(p.min_keep, int(p.k_frac * (pos + 1))) + len(forced)
+                budget = pos + 1 if pos + 1 < p.dense_len else min(pos + 1, budget)
                 mask[x, i, s.topk(budget).indices] = True
     return masked_attention(q, k[:, :n], v[:, :n], mask, scale)
 
 
+SPARSE = dict(dense_len=0, min_keep=1, sinks=0, local_window=0)  # no floor: the pattern from the first token on
 CASES = {
-    "decode, per group": dict(k_frac=0.25, d_frac=0.25),
-    "decode, per head, sinks and window": dict(k_frac=0.2, d_frac=0.5, selection="head", sinks=3, local_window=8),
-    "topk prefill too": dict(k_frac=0.3, d_frac=0.25, prefill="topk", sinks=2, local_window=4),
+    "decode, per group": dict(SPARSE, k_frac=0.25, d_frac=0.25),
+    "decode, per head, sinks and window": dict(SPARSE, k_frac=0.2, d_frac=0.5, selection="head", sinks=3,
+                                               local_window=8),
+    "topk prefill too": dict(SPARSE, k_frac=0.3, d_frac=0.25, prefill="topk", sinks=2, local_window=4),
+    "floor and min_keep": dict(k_frac=0.1, d_frac=0.25, prefill="topk", dense_len=70, min_keep=16, sinks=0,
+                               local_window=0),
 }
 
 
@@ -120,7 +125,8 @@ def test_every_channel_and_every_token_reduces_to_dense(make_engine, loaded):
     engine = make_engine(max_num_batched_tokens=256)
     dense = greedy_with_logprobs(engine, prompts)
     # Row-wise top-k prefill over every token gathers each row's whole context: the short prompt only.
-    for params, n in ((dict(k_frac=1.0, d_frac=1.0), 2), (dict(k_frac=1.0, d_frac=1.0, prefill="topk"), 1)):
+    every = dict(k_frac=1.0, d_frac=1.0, dense_len=0)  # no floor: the top-k path itself
+    for params, n in ((every, 2), (dict(every, prefill="topk"), 1)):
         assert_same_as_dense(dense[:n], greedy_with_logprobs(engine, prompts[:n], attention_backend="loki",
                                                              attention_params=params))
     path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}))

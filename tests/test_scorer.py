@@ -29,8 +29,9 @@ def test_keeping_every_token_is_dense(knorm, make_engine, loaded):
         engine, prompts, attention_backend="knorm", attention_params={"k_frac": 1.0}))
 
 
-@pytest.mark.parametrize("params", [dict(k_frac=0.3), dict(k_frac=0.2, sinks=3, local_window=5),
-                                    dict(k_frac=0.25, prefill="topk", sinks=2)])
+@pytest.mark.parametrize("params", [dict(k_frac=0.3, dense_len=0, min_keep=1),
+                                    dict(k_frac=0.2, sinks=3, local_window=5, dense_len=0, min_keep=1),
+                                    dict(k_frac=0.25, prefill="topk", sinks=2, dense_len=50, min_keep=8)])
 def test_layers_keep_the_smallest_norm_keys(knorm, params):
     torch.manual_seed(0)
     spec = AttentionSpec(LAYERS, HQ, HKV, D, 4096, BS, (None,) * LAYERS)
@@ -53,7 +54,8 @@ def test_layers_keep_the_smallest_norm_keys(knorm, params):
                 score = -norms[h, : pos + 1].clone()
                 forced = [j for j in range(pos + 1) if j < p.sinks or j > pos - p.local_window]
                 score[forced] = float("inf")
-                keep = score.topk(min(pos + 1, max(1, int(p.k_frac * (pos + 1))) + len(forced))).indices
+                budget = max(p.min_keep, int(p.k_frac * (pos + 1))) + len(forced)
+                keep = score.topk(pos + 1 if pos + 1 < p.dense_len else min(pos + 1, budget)).indices
                 mask[h * (HQ // HKV) : (h + 1) * (HQ // HKV), i, keep] = True
         want = masked_attention(s.q[layer][:, qpos], s.k[layer][:, :n], s.v[layer][:, :n], mask, D**-0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

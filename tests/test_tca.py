@@ -48,14 +48,14 @@ def keep_reference(q, k, n):
     return keep
 
 
-@pytest.mark.parametrize("local", [1, 3])
+@pytest.mark.parametrize(("local", "floor"), [(1, 0), (3, 0), (1, 100)], ids=["local-1", "local-3", "floor-100"])
 @pytest.mark.parametrize("chunks", [[150], [40, 61, 49]], ids=["one-chunk", "chunked"])
-def test_layers_match_masked_reference(chunks, local):
+def test_layers_match_masked_reference(chunks, local, floor):
     torch.manual_seed(0)
     spec = AttentionSpec(LAYERS, HQ, HKV, D, 4096, BS, (None,) * LAYERS)
     kv = PagedKVCache(KVSpec(LAYERS, HKV, D, BS), num_blocks=40)
     backend = TCABackend(kv, spec)
-    params = validate_params("tca", dict(local_blocks=local))
+    params = validate_params("tca", dict(local_blocks=local, dense_len=floor))
     backend.load_calibration(params, {"thresholds": THRESHOLDS.expand(LAYERS, HKV, 4).clone()})
     decodes = 40
     seqs = {"a": SynthSeq.random(LAYERS, HQ, HKV, D, sum(chunks) + decodes, sum(chunks), 1, BS),
@@ -68,7 +68,7 @@ def test_layers_match_masked_reference(chunks, local):
 
     def check(layer, name, step, got):
         s, c = seqs[name], step.num_computed_tokens
-        frontier = max(0, ((c - 1) // BS - local + 1) * BS) if c else 0
+        frontier = max(0, ((c - 1) // BS - local + 1) * BS) if c and c >= floor else 0  # no eviction under it
         qpos = torch.arange(c, step.context_len)
         n = int(qpos[-1]) + 1
         kpos = torch.arange(n)
@@ -116,21 +116,22 @@ def test_params_validation():
 
 
 def test_every_budget_all_tokens_reduces_to_dense(make_engine, loaded, tmp_path):
-    params = validate_params("tca", dict(local_blocks=1))
+    params = validate_params("tca", dict(local_blocks=1, dense_len=0))  # compacts from the first block on
     path = tmp_path / "keep-all.safetensors"
     calibration.save_artifact(path, {"thresholds": torch.full((30, 3, 4), float("inf"))}, "tca", loaded.fingerprint,
                               params, "", 0)
     prompts = [loaded.tokenizer.encode(natural_text(n, 31 + n)) for n in (3, 30)]
     engine = make_engine(max_num_batched_tokens=256)
     assert_same_as_dense(greedy_with_logprobs(engine, prompts), greedy_with_logprobs(
-        engine, prompts, attention_backend="tca", attention_params=dict(local_blocks=1, calibration=str(path))))
+        engine, prompts, attention_backend="tca",
+        attention_params=dict(local_blocks=1, dense_len=0, calibration=str(path))))
 
 
 def test_evicts_kv_and_the_pool_ends_all_free(make_engine, loaded, tmp_path):
     """Calibrated on first use; the blocks a request holds fall below dense's, and all come back."""
     engine = make_engine(max_num_batched_tokens=512)
     prompt = loaded.tokenizer.encode(natural_text(40, 5))
-    params = dict(tolerance=0.1, local_blocks=2)
+    params = dict(tolerance=0.1, local_blocks=2, dense_len=0)
     rid = engine.add_request(prompt, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0),
                              attention_backend="tca", attention_params=params)
     held = []
