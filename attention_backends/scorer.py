@@ -7,8 +7,8 @@ attention. Scores come per key set: one per KV head (the heads of a group share 
 serves them) or one per query head. Prefill is exact unless `prefill: topk` applies the decode rule to every
 prompt row. With `k_frac` 1 every key is kept, which is dense attention.
 
-The dense floor: a row whose context is shorter than `dense_len` keeps every key (a decode row there takes the
-exact path, as `dense` computes it), so short prompts cost nothing. A top-k over a few dozen tokens keeps a
+The dense floor: a row whose context is shorter than `dense_len` keeps every key (a step wholly under it takes
+the exact path, as `dense` computes it), so short prompts cost nothing. A top-k over a few dozen tokens keeps a
 handful of them, which a small model does not survive (a 37-token question kept 9 tokens and lost its answer).
 The default 2,048 is measured on the embedded model: up to it a decode step grows little with the context
 (dense's TPOT: 78 ms at 1k, 88 ms at 2k, 133 ms at 7k in the issue-18 matrix, BENCHMARKS.md), so top-k has
@@ -68,13 +68,13 @@ class ScorerBackend(AttentionBackend[MetaT]):
         return self.scorer_meta(batch)
 
     def scorer_meta(self, batch: BackendBatch) -> ScorerMeta:
-        prefills = [s for s in batch.seqs if s.phase is Phase.PREFILL]
-        # Decodes under the floor run exactly, with the exact prefills.
-        exact = [s for s in batch.seqs if (s.phase is Phase.PREFILL and s.params.prefill == "dense")
-                 or (s.phase is Phase.DECODE and s.context_len < s.params.dense_len)]
-        return ScorerMeta(dense_meta(exact, self.spec, self.kv),
-                          [s for s in prefills if s.params.prefill == "topk"],
-                          [s for s in batch.seqs if s.phase is Phase.DECODE and s.context_len >= s.params.dense_len])
+        def exact(s: SeqStep) -> bool:  # a step wholly under the floor keeps every key: dense's own path
+            return s.context_len < s.params.dense_len or (s.phase is Phase.PREFILL and s.params.prefill == "dense")
+
+        sparse = [s for s in batch.seqs if not exact(s)]
+        return ScorerMeta(dense_meta([s for s in batch.seqs if exact(s)], self.spec, self.kv),
+                          [s for s in sparse if s.phase is Phase.PREFILL],
+                          [s for s in sparse if s.phase is Phase.DECODE])
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[MetaT],
                 scale: float) -> torch.Tensor:
@@ -108,7 +108,7 @@ class ScorerBackend(AttentionBackend[MetaT]):
         forced = ((kpos < p.sinks) | (kpos > qpos - p.local_window)) & (kpos <= qpos)
         scores = scores.masked_fill(forced, float("inf")).masked_fill(kpos > qpos, float("-inf"))
         budget = (p.k_frac * (qpos + 1)).long().clamp_min(p.min_keep) + forced.sum(1, keepdim=True)  # [n, 1]
-        budget = torch.where(qpos + 1 < p.dense_len, qpos + 1, budget)  # under the floor: every key
+        budget = torch.where(qpos + 1 < p.dense_len, qpos + 1, budget)  # rows of a chunk across the floor
         top = scores.topk(int(budget.max().clamp_max(length)), -1)  # [S, n, keep]
         keep = top.indices.shape[-1]
         visible = (torch.arange(keep, device=scores.device) < budget) & (top.values > float("-inf"))
