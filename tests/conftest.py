@@ -38,6 +38,12 @@ def loaded() -> LoadedModel:
     return load_model(None, progress=False)
 
 
+@pytest.fixture
+def calibration_cache(tmp_path_factory, monkeypatch):
+    """Calibration artifacts go to a cache of this test session, made once on first use like a fresh install's."""
+    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="session")
 def make_engine(loaded: LoadedModel):
     def make(**overrides) -> LLMEngine:

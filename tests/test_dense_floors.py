@@ -16,9 +16,7 @@ QUESTIONS = ["What is the capital of Japan?", "What is the largest planet in the
              "Who wrote the play Romeo and Juliet?"]
 
 
-@pytest.fixture(autouse=True)
-def calibration_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("calibration_cache")
 
 
 @pytest.fixture(scope="module")

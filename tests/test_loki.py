@@ -30,10 +30,7 @@ from kv_cache.paged_kv import KVSpec, PagedKVCache
 BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def calibration_cache(tmp_path_factory, monkeypatch):
-    """Artifacts go to a cache of this test session, made once on first use like a fresh install's."""
-    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("calibration_cache")
 
 
 def test_pca_basis_is_orthonormal_and_keeps_attention_exact():

@@ -30,9 +30,7 @@ BS, HQ, HKV, D, LAYERS = 16, 4, 2, 16, 2
 THRESHOLDS = torch.tensor([0.5, 0.35, 0.25, 0.15])  # redundancy above 0.5: keep 1 token; below 0.15: all 16
 
 
-@pytest.fixture(autouse=True)
-def calibration_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("calibration_cache")
 
 
 def keep_reference(q, k, n):

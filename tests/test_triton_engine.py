@@ -31,9 +31,7 @@ def tiny(tmp_path_factory, loaded):  # head_dim 64, GQA 4/2
                       max_position_embeddings=1024)
 
 
-@pytest.fixture(autouse=True)
-def calibration_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LONGSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("calibration_cache")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
