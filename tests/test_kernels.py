@@ -1,6 +1,7 @@
 """The kernel layer over explicit caches: each reference op against an explicit masked reference, on longserve's
-contiguous layout and on a vLLM-like one (K and V fused per cell, head-major: the same logical
-`[num_blocks, block_size, H_kv, D]` with other strides), ragged lengths and shuffled block tables."""
+contiguous layout and on vLLM's (K and V fused per cell, head-major; on the CPU the keys of a block stored
+transposed: the same logical `[num_blocks, block_size, H_kv, D]` with other strides), ragged lengths and shuffled
+block tables."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from backend_harness import masked_attention
 from attention_backends.kernels.decode import decode_plan, paged_decode
 from attention_backends.kernels.paged import context_slots, gather_head_slots, gather_range, take_blocks, write_kv
 from attention_backends.kernels.prefill import paged_prefill, prefill_plan
+from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
 from attention_backends.kernels.slots import slot_attention
+from longserve_vllm.layout import cache_views
 
 BS, HQ, HKV, D, NB = 16, 6, 2, 16, 48
 SCALE = D**-0.5
@@ -21,7 +24,7 @@ def caches(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     if layout == "contiguous":
         return torch.zeros(NB, BS, HKV, D), torch.zeros(NB, BS, HKV, D)
     cells = torch.zeros(NB, HKV, BS, 2 * D)  # vLLM's per-layer page: K and V in one cell per (head, token)
-    return cells[..., :D].transpose(1, 2), cells[..., D:].transpose(1, 2)
+    return cache_views(cells, D, "vec" if layout == "vllm-cpu" else None)
 
 
 def filled(layout: str, lengths: list[int], seed: int = 0):
@@ -38,7 +41,7 @@ def filled(layout: str, lengths: list[int], seed: int = 0):
     return kc, vc, seqs
 
 
-LAYOUTS = ["contiguous", "vllm-like"]
+LAYOUTS = ["contiguous", "vllm-cuda", "vllm-cpu"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -116,4 +119,24 @@ def test_slot_attention_reads_each_rows_own_slots(layout, sets):
             j = h // (HQ // sets)
             mask[h, 0, picks[j, i][visible[j, i]]] = True
         torch.testing.assert_close(got[:, i : i + 1], masked_attention(q[:, i : i + 1], k, v, mask, SCALE),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_range_work_batches_chunks_and_decodes_of_any_visibility(layout):
+    # (cached tokens, queries, sinks, window): chunks and one-query rows, exact and windowed, in one packed batch.
+    rows = [(0, 40, 0, None), (60, 1, 0, None), (37, 29, 4, 16), (120, 1, 3, 20), (9, 1, 0, 5), (0, 1, 0, None)]
+    kc, vc, seqs = filled(layout, [c + t for c, t, _, _ in rows])
+    starts = torch.tensor([0] + [t for _, t, _, _ in rows]).cumsum(0).tolist()
+    plan_rows = [RangeRow(r0, table, c, t, sinks, window)
+                 for r0, (table, _, _), (c, t, sinks, window) in zip(starts, seqs, rows)]
+    work = range_work(plan_rows, block_size=BS, group=HQ // HKV, dtype=torch.float32, device="cpu", num_blocks=NB)
+    assert [len(r) for r, _ in work.decode] == [2, 2]  # full rows apart from windowed ones
+    q = torch.randn(HQ, starts[-1], D)
+    out = torch.full_like(q, float("nan"))
+    attend_ranges(out, q, None, None, kc, vc, work, SCALE)
+    for r0, (_, k, v), (c, t, sinks, window) in zip(starts, seqs, rows):
+        qpos, kpos = torch.arange(c, c + t)[:, None], torch.arange(c + t)
+        visible = (kpos <= qpos) & ((kpos < sinks) | ((qpos - kpos < window) if window else True))
+        torch.testing.assert_close(out[:, r0 : r0 + t], masked_attention(q[:, r0 : r0 + t], k, v, visible, SCALE),
                                    atol=1e-5, rtol=1e-5)

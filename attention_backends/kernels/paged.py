@@ -75,6 +75,8 @@ def gather_head_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch
     s = slots.to(k_cache.device)
     heads = torch.arange(hkv, device=s.device).view(hkv, *([1] * (s.dim() - 1)))
     blocks, offsets = s // bs, s % bs
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # e.g. vLLM's CPU cache, whose keys are stored transposed
+        return k_cache[blocks, offsets, heads], v_cache[blocks, offsets, heads]
 
     def rows(cache: torch.Tensor) -> torch.Tensor:
         s0, s1, s2, _ = cache.stride()

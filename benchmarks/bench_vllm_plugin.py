@@ -1,0 +1,113 @@
+"""vLLM-CPU stock against vLLM-CPU running longserve's LONGSERVE_SWAA, in one process, on the embedded model.
+
+Per prompt length (passkey prompts built as the load test builds them: a seven-digit key stated once, at 10/50/90%
+depth), one request at a time: TTFT and TPOT (medians over the depths, ratios to stock), the KV blocks the request
+holds at its peak and once decoding, and the passkey hits. Targets (issue 16): TTFT at 7.5k <= 0.75x stock with the
+all-windowed recipe, KV in decode <= 0.2x stock with `release_kv`.
+
+Run in the plugin's venv (`make install-vllm`): `.venv-vllm/bin/python benchmarks/bench_vllm_plugin.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: the scheduler's blocks can be read
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB, as `make serve`'s pool
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.plugins import load_general_plugins  # noqa: E402
+
+from engine.model_loader import resolve_model_dir  # noqa: E402
+from loadtest.scoring import score  # noqa: E402
+from loadtest.tokens import LocalTokenizer  # noqa: E402
+from loadtest.workloads import build, make_task  # noqa: E402
+
+WINDOWED = {"window": 1024, "sinks": 64, "prefill_only": False}
+RECIPES = {
+    "stock CPU_ATTN": (None, None),
+    "LONGSERVE_SWAA W1024 S64": ("LONGSERVE_SWAA", WINDOWED),
+    "+ release_kv": ("LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}),
+}
+
+
+def run_request(llm: LLM, prompt: list[int], max_tokens: int) -> dict:
+    """One request alone, stepped by hand: TTFT, TPOT, its text and the blocks it holds after each step."""
+    engine = llm.llm_engine
+    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request("bench", TokensPrompt(prompt_token_ids=prompt), sp)
+    first = out = None
+    held = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+            if first is None and o.outputs[0].token_ids:
+                first = time.perf_counter()
+        held += [sum(not b.is_null for b in blocks) for blocks in manager.req_to_blocks.values()]
+    end = time.perf_counter()
+    return {"ttft": first - start, "tpot": (end - first) / (max_tokens - 1), "text": out.outputs[0].text,
+            "peak": max(held), "decode": held[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="2048,4096,7680")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+
+    model = str(resolve_model_dir(None, progress=False))
+    tok = LocalTokenizer(model)
+    rng = random.Random(20261202)
+    samples = {(n, d): build(tok, make_task("passkey", rng), n, depth=d, rng=rng) for n in lengths for d in depths}
+    prompts = {cell: tok.encode(tok.tok.apply_chat_template(s.messages, tokenize=False, add_generation_prompt=True))
+               for cell, s in samples.items()}
+
+    load_general_plugins()
+    results: dict[str, dict] = {}
+    for name, (backend, params) in RECIPES.items():
+        llm = LLM(model, dtype="float32", enforce_eager=True, block_size=32, max_model_len=8192, seed=0,
+                  attention_config={"backend": backend} if backend else None,
+                  additional_config={"longserve": params} if params else {})
+        for cell in tqdm(prompts, desc=name):
+            results[name, cell] = run_request(llm, prompts[cell], args.max_tokens)
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+    base = next(iter(RECIPES))
+    print(f"\n{time.strftime('%Y-%m-%d')}, one request at a time, {args.max_tokens} output tokens, medians over depths "
+          f"{args.depths}; KV: blocks of 32 tokens the request holds")
+    print("\n| recipe | prompt | TTFT | vs stock | TPOT | vs stock | KV peak | KV decoding | vs stock | passkey |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in lengths:
+        def med(name: str, key: str, n: int = n) -> float:
+            return statistics.median(results[name, (n, d)][key] for d in depths)
+
+        for name in RECIPES:
+            hits = "".join("Y" if score("passkey", samples[n, d].answers, results[name, (n, d)]["text"]) else "."
+                           for d in depths)
+            print(f"| {name} | {n} | {med(name, 'ttft'):.2f} s | {med(name, 'ttft') / med(base, 'ttft'):.2f}x | "
+                  f"{med(name, 'tpot') * 1e3:.0f} ms | {med(name, 'tpot') / med(base, 'tpot'):.2f}x | "
+                  f"{med(name, 'peak'):.0f} | {med(name, 'decode'):.0f} | "
+                  f"{med(name, 'decode') / med(base, 'decode'):.2f}x | {hits} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""What longserve's vLLM backends share: a builder that plans a step once for every kind of layer, an impl that runs
+the kernel layer's ops over vLLM's cache where it lies, and the backend class tying them to vLLM's registry.
+
+A method subclasses `RangeImpl` with its longserve name (`method`, whose params schema validates the deployment's
+`--additional-config`), how it sorts layers into kinds (`kind`) and which keys each kind's rows see (`range_rows`),
+and `LongserveBackend` with its registered name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
+from longserve_vllm.config import LongserveConfigError, deployment_params
+from longserve_vllm.layout import cache_views, check_cpu_isa
+from longserve_vllm.metadata import RangeMetadata, StepRow, step_rows
+from longserve_vllm.platform_backend import ON_CPU, PlatformBackend, PlatformImpl, cpu_attention_isa
+
+
+class RangeImpl(PlatformImpl):
+    """Attention over key ranges (sink tokens and a causal band) through `attention_backends.kernels`."""
+
+    method: ClassVar[str]  # the longserve backend whose params schema and math this is
+    can_return_lse_for_decode: bool = False  # no decode context parallelism: it would merge partial outputs
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra: Any) -> None:
+        name = f"longserve backend {self.method!r}"
+        if attn_type != AttentionType.DECODER:
+            raise LongserveConfigError(f"{name} serves decoder self-attention, not {attn_type}")
+        if alibi_slopes is not None or logits_soft_cap or extra.get("sinks") is not None:
+            raise LongserveConfigError(f"{name} does not support ALiBi, logit soft-capping or learned attention sinks")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, **extra)
+        config = get_current_vllm_config()
+        self.own_window = sliding_window  # the model's own sliding window in this layer, honoured as trained
+        self.params = deployment_params(self.method, config.additional_config)
+        self.num_layers = config.model_config.get_total_num_hidden_layers()
+        self.check_params()
+        self._kinds: dict[str, Hashable] = {}
+
+    def check_params(self) -> None:
+        """Raise LongserveConfigError for params that do not fit the model."""
+
+    def kind(self, layer_index: int) -> Hashable:
+        """What decides which keys this layer's queries see; layers of one kind share a plan."""
+        return self.own_window
+
+    def range_rows(self, kind: Hashable, rows: list[StepRow]) -> list[RangeRow]:
+        """The keys each row of a layer of `kind` sees."""
+        return [RangeRow(r.row, r.block_table, r.start, r.length, window=kind) for r in rows]
+
+    def layer_kind(self, layer_name: str) -> Hashable:
+        if layer_name not in self._kinds:
+            self._kinds[layer_name] = self.kind(extract_layer_index(layer_name))
+        return self._kinds[layer_name]
+
+    def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor | None,
+                value: torch.Tensor | None, kv_cache: torch.Tensor, attn_metadata: RangeMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("longserve backends do not fuse output quantization")
+        if attn_metadata is None:  # profiling run
+            return output
+        n = attn_metadata.num_actual_tokens
+        k_cache, v_cache = cache_views(kv_cache, self.head_size, layer.isa if ON_CPU else None)
+        q = query[:n].transpose(0, 1)
+        fresh = (key[:n].transpose(0, 1), value[:n].transpose(0, 1)) if key is not None else (None, None)
+        out = torch.empty_like(q)
+        attend_ranges(out, q, *fresh, k_cache, v_cache, attn_metadata.work[self.layer_kind(layer.layer_name)],
+                      self.scale)
+        output.view(-1, self.num_heads, self.head_size)[:n] = out.transpose(0, 1)
+        return output
+
+
+class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):
+    """Plans a step once per kind of layer in its KV-cache group."""
+
+    # Plans are built on the host from each step's lengths, which a captured graph would freeze.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        impls = [(name, layer.impl) for name, layer in layers.items() if isinstance(layer.impl, RangeImpl)]
+        self.by_kind = {impl.layer_kind(name): impl for name, impl in impls}
+        impl = impls[0][1]
+        self.group = impl.num_heads // impl.num_kv_heads
+        self.block_size = kv_cache_spec.block_size
+        self.dtype = vllm_config.model_config.dtype
+        if ON_CPU:  # the ISA vLLM's CPU writer packs with, which the layout must know
+            isa = cpu_attention_isa(self.dtype, self.block_size, kv_cache_spec.head_size,
+                                    vllm_config.cache_config.cache_dtype)
+            try:
+                check_cpu_isa(isa)
+            except ValueError as e:
+                raise LongserveConfigError(str(e)) from None
+            for layer in layers.values():
+                layer.isa = isa
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> RangeMetadata:
+        cm = common_attn_metadata
+        seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
+        prefilling = cm.is_prefilling.cpu() if cm.is_prefilling is not None else None
+        rows = step_rows(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor.cpu(), self.block_size, cm.num_reqs,
+                         prefilling)
+        work = {kind: range_work(impl.range_rows(kind, rows), block_size=self.block_size, group=self.group,
+                                 dtype=self.dtype, device=self.device, num_blocks=None)
+                for kind, impl in self.by_kind.items()}
+        return RangeMetadata(cm.num_actual_tokens, work)
+
+
+class LongserveBackend(PlatformBackend):
+    """The platform backend with longserve's math; subclasses give `get_name` and `get_impl_cls`."""
+
+    forward_includes_kv_cache_update: bool = False
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_builder_cls() -> type[RangeMetadataBuilder]:
+        return RangeMetadataBuilder
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER

@@ -1,0 +1,20 @@
+"""LONGSERVE_DENSE: exact attention through longserve's kernel layer over vLLM's cache; the parity baseline that
+shows the layout and metadata translation give stock vLLM's tokens."""
+
+from __future__ import annotations
+
+from longserve_vllm.backend import LongserveBackend, RangeImpl
+
+
+class DenseImpl(RangeImpl):
+    method = "dense"
+
+
+class DenseBackend(LongserveBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "LONGSERVE_DENSE"
+
+    @staticmethod
+    def get_impl_cls() -> type[DenseImpl]:
+        return DenseImpl

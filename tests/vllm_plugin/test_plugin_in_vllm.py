@@ -1,0 +1,117 @@
+"""The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here): LONGSERVE_DENSE and SWAA with
+a window covering every prompt give stock vLLM's greedy tokens; SWAA with real windows gives longserve's own engine's
+tokens on the same model and prompts; `release_kv` hands blocks back while the request runs and changes no token;
+a bad config fails start-up with its message."""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+
+import pytest
+
+pytest.importorskip("vllm", reason="the plugin's tests run in the vLLM venv (make test makes it)")
+
+import torch  # noqa: E402
+from backend_harness import greedy_with_logprobs, tiny_llama  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.plugins import load_general_plugins  # noqa: E402
+
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from longserve_vllm.config import LongserveConfigError  # noqa: E402
+from longserve_vllm.kv_spec import SinkWindowManager  # noqa: E402
+
+MAX_TOKENS = 12  # what greedy_with_logprobs generates in longserve's engine
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
+WINDOWED = {"window": 64, "sinks": 4, "prefill_only": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, loaded):  # head_dim 64 (a CPU_ATTN head size), GQA 4/2
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), loaded, hidden_size=256, intermediate_size=512,
+                      max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (300, 130, 77)]
+
+
+@contextmanager
+def vllm_engine(tiny, backend: str | None = None, longserve: dict | None = None):
+    load_general_plugins()  # before LLM(): the offline API checks the backend name before it loads plugins
+    llm = LLM(str(tiny.path), skip_tokenizer_init=True, enforce_eager=True, block_size=32, dtype="float32",
+              max_model_len=1024, seed=0, attention_config={"backend": backend} if backend else None,
+              additional_config={"longserve": longserve} if longserve is not None else {})
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def vllm_greedy(tiny, prompts, backend: str | None = None, longserve: dict | None = None) -> list[list[int]]:
+    with vllm_engine(tiny, backend, longserve) as llm:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def stock(tiny, prompts):
+    return vllm_greedy(tiny, prompts)
+
+
+def longserve_greedy(tiny, prompts, **params) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=200, max_model_len=1024), loaded=tiny)
+    return [t for t, _ in greedy_with_logprobs(engine, prompts, attention_backend="sliding_window",
+                                               attention_params=params)]
+
+
+def test_dense_gives_stock_vllms_tokens(tiny, prompts, stock):
+    assert vllm_greedy(tiny, prompts, "LONGSERVE_DENSE") == stock
+
+
+def test_swaa_with_a_window_over_every_prompt_gives_stock_vllms_tokens(tiny, prompts, stock):
+    assert vllm_greedy(tiny, prompts, "LONGSERVE_SWAA", {"window": 1024, "sinks": 4, "prefill_only": False}) == stock
+
+
+@pytest.mark.parametrize("params", [WINDOWED, {"window": 48, "sinks": 8, "full_attention_layers": [1]}],
+                         ids=["windowed-decode", "fa-decode-full-layer-1"])
+def test_swaa_gives_longserves_own_tokens(tiny, prompts, stock, params):
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_SWAA", params)
+    assert got == longserve_greedy(tiny, prompts, **params)
+    assert got != stock  # the windows are short enough to change the answer
+
+
+def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
+    want = vllm_greedy(tiny, prompts[:1], "LONGSERVE_SWAA", WINDOWED)
+    with vllm_engine(tiny, "LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}) as llm:
+        engine = llm.llm_engine
+        manager = engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        assert isinstance(manager, SinkWindowManager)
+        engine.add_request("r", TokensPrompt(prompt_token_ids=prompts[0]), GREEDY)
+        released, tokens = [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    tokens = list(out.outputs[0].token_ids)
+            for blocks in manager.req_to_blocks.values():
+                released.append(sum(b.is_null for b in blocks))
+    assert tokens == want[0]
+    # 300 prompt tokens, 32-token blocks: past the sink block, every block wholly behind the 64-token window.
+    assert max(released) >= (300 - 64 + 1) // 32 - 1
+
+
+@pytest.mark.parametrize(("longserve", "says"), [
+    ({"window": 0}, "window: Input should be greater than or equal to 1"),
+    ({"window": 64, "full_attention_layers": [5]}, "names layers past the model's 2"),
+    ({"window": 64, "release_kv": True}, "release_kv needs windowed decode"),
+])
+def test_a_bad_config_fails_start_up_with_its_message(tiny, longserve, says):
+    with pytest.raises(LongserveConfigError, match=says), vllm_engine(tiny, "LONGSERVE_SWAA", longserve):
+        pass
