@@ -48,7 +48,8 @@ test: $(STAMP) $(VLLM_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
+	$(VPY) benchmarks/bench_vllm_plugin.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_http.py
 	$(PY) benchmarks/bench_swaa.py
