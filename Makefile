@@ -40,10 +40,13 @@ $(VLLM_STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/longserve serve --config configs/default.yaml $(ARGS)
 
-# The suite, then the plugin's tests inside vLLM (the first run skips them: no vLLM in its venv).
-test: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m pytest -q
-	$(VPY) -m pytest -q tests/vllm_plugin
+# The suite, then the plugin's tests inside vLLM (the first run skips them: no vLLM in its venv). The vLLM venv
+# installs (mostly downloads) while the suite runs; its log is printed if it fails.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory $(VLLM_STAMP) > $(VLLM_VENV).log 2>&1 & installing=$$!; \
+	$(PY) -m pytest -q; suite=$$?; \
+	wait $$installing || { cat $(VLLM_VENV).log; exit 1; }; \
+	test $$suite -eq 0 && $(VPY) -m pytest -q tests/vllm_plugin
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

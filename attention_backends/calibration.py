@@ -99,6 +99,15 @@ class CalibrationModel:
     dense_pass: Callable[[list[int]], None]  # one dense prefill of these tokens, every layer through longserve
 
 
+def fingerprint(model_dir: Path) -> str:
+    """Identifies a model directory's weights cheaply: config, and size and mtime of every weight file."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """longserve's cache (converted models, calibration artifacts): `LONGSERVE_CACHE`, else ~/.cache/longserve."""
     return Path(os.environ.get("LONGSERVE_CACHE", Path.home() / ".cache" / "longserve"))

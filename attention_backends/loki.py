@@ -22,6 +22,7 @@ from pydantic import Field
 from attention_backends.calibration import CalibratedBackend, CalibratedParams
 from attention_backends.context import BackendBatch, SeqStep
 from attention_backends.kernels.paged import cdiv, take_blocks
+from attention_backends.kernels.topk import lowrank_scores
 from attention_backends.registry import register_backend
 from attention_backends.scorer import ScorerBackend, ScorerMeta, ScorerParams
 from kv_cache.paged_kv import SideTable
@@ -125,13 +126,10 @@ class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
     def score(self, layer: int, q: torch.Tensor, seq: SeqStep[LokiParams, None], pos: int) -> torch.Tensor:
         """The rotated queries' dot products with the keys' first d rotated channels, summed over a KV group's heads
         for group selection."""
-        p, (hq, hkv, dim) = seq.params, (self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim)
-        d, n, bs = p.rank(dim), q.shape[1], self.spec.block_size
-        length = pos + n
+        p, bs, length = seq.params, self.spec.block_size, pos + q.shape[1]
         table = seq.block_table[: cdiv(length, bs)].to(self.kv.device)
-        low = take_blocks(self.lowrank(d).data[layer], table).flatten(0, 1)[:length]  # [L, H_kv, d]
-        approx = torch.einsum("hgnd,lhd->hgnl", q[..., :d].reshape(hkv, hq // hkv, n, d), low)
-        return approx.sum(1) if p.selection == "group" else approx.reshape(hq, n, length)
+        low = take_blocks(self.lowrank(p.rank(self.spec.head_dim)).data[layer], table).flatten(0, 1)[:length]
+        return lowrank_scores(q, low, per_group=p.selection == "group")
 
 
 def _rows(seqs: list[SeqStep], total_seqs: int, num_tokens: int) -> torch.Tensor | slice:

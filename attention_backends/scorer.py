@@ -29,6 +29,7 @@ from attention_backends.context import BackendBatch, MetaT, Phase, SeqStep
 from attention_backends.dense import DenseMeta, attend_exact, dense_meta
 from attention_backends.kernels.paged import cdiv
 from attention_backends.kernels.slots import slot_attention
+from attention_backends.kernels.topk import keep_top
 
 TILE_ELEMS = 1 << 23  # gathered K elements per tile of prefill rows in `prefill: topk`
 
@@ -102,16 +103,9 @@ class ScorerBackend(AttentionBackend[MetaT]):
         """Rows `start..start+n` of the batch (positions `pos..pos+n`): each row's top keys of its own context."""
         p, bs, length = seq.params, self.spec.block_size, pos + n
         rows = q[:, start : start + n]
-        scores = self.score(layer, rows, seq, pos)  # [S, n, L]
-        qpos = torch.arange(pos, pos + n, device=scores.device).unsqueeze(1)
-        kpos = torch.arange(length, device=scores.device)
-        forced = ((kpos < p.sinks) | (kpos > qpos - p.local_window)) & (kpos <= qpos)
-        scores = scores.masked_fill(forced, float("inf")).masked_fill(kpos > qpos, float("-inf"))
-        budget = (p.k_frac * (qpos + 1)).long().clamp_min(p.min_keep) + forced.sum(1, keepdim=True)  # [n, 1]
-        budget = torch.where(qpos + 1 < p.dense_len, qpos + 1, budget)  # rows of a chunk across the floor
-        top = scores.topk(int(budget.max().clamp_max(length)), -1)  # [S, n, keep]
-        keep = top.indices.shape[-1]
-        visible = (torch.arange(keep, device=scores.device) < budget) & (top.values > float("-inf"))
-        table = seq.block_table[: cdiv(length, bs)].to(scores.device)
-        slots = table[top.indices // bs] * bs + top.indices % bs
+        indices, visible = keep_top(self.score(layer, rows, seq, pos), pos, sinks=p.sinks,
+                                    local_window=p.local_window, k_frac=p.k_frac, min_keep=p.min_keep,
+                                    dense_len=p.dense_len)
+        table = seq.block_table[: cdiv(length, bs)].to(indices.device)
+        slots = table[indices // bs] * bs + indices % bs
         out[:, start : start + n] = slot_attention(rows, self.kv.k[layer], self.kv.v[layer], slots, visible, scale)

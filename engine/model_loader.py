@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig  # noqa: E402
 
-from attention_backends.calibration import cache_dir  # noqa: E402
+from attention_backends.calibration import cache_dir, fingerprint  # noqa: E402
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -142,15 +142,6 @@ def layer_windows(config: PretrainedConfig) -> tuple[int | None, ...]:
     if layer_types:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     return (window,) * config.num_hidden_layers
-
-
-def fingerprint(model_dir: Path) -> str:
-    """Identifies the weights cheaply: config, and size and mtime of every weight file."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,

@@ -15,6 +15,7 @@ import logging
 BACKENDS = {
     "LONGSERVE_DENSE": "longserve_vllm.dense.DenseBackend",
     "LONGSERVE_SWAA": "longserve_vllm.swaa.SWAABackend",
+    "LONGSERVE_LOKI": "longserve_vllm.loki.LokiBackend",
 }
 logger = logging.getLogger("vllm.longserve")  # under vLLM's logger, so its handlers print it
 

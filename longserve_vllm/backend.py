@@ -3,7 +3,8 @@ the kernel layer's ops over vLLM's cache where it lies, and the backend class ty
 
 A method subclasses `RangeImpl` with its longserve name (`method`, whose params schema validates the deployment's
 `--additional-config`), how it sorts layers into kinds (`kind`) and which keys each kind's rows see (`range_rows`),
-and `LongserveBackend` with its registered name.
+or, for more than key ranges, its own per-kind plan (`plan`) and attention over it (`attend`); and
+`LongserveBackend` with its registered name.
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ class RangeImpl(PlatformImpl):
         """The keys each row of a layer of `kind` sees."""
         return [RangeRow(r.row, r.block_table, r.start, r.length, window=kind) for r in rows]
 
+    def plan(self, kind: Hashable, rows: list[StepRow], geometry: dict[str, Any]) -> Any:
+        """A step's plan for the layers of `kind`, made once in the builder; `geometry` is `range_work`'s keywords."""
+        return range_work(self.range_rows(kind, rows), **geometry)
+
+    def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
+               v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: Any) -> None:
+        """`out` `[H_q, T, D]` from queries `q` and fresh `k`/`v` `[H_kv, T, D]` (None: read from the cache)."""
+        attend_ranges(out, q, k, v, k_cache, v_cache, work, self.scale)
+
     def layer_kind(self, layer_name: str) -> Hashable:
         if layer_name not in self._kinds:
             self._kinds[layer_name] = self.kind(extract_layer_index(layer_name))
@@ -83,8 +93,8 @@ class RangeImpl(PlatformImpl):
         q = query[:n].transpose(0, 1)
         fresh = (key[:n].transpose(0, 1), value[:n].transpose(0, 1)) if key is not None else (None, None)
         out = torch.empty_like(q)
-        attend_ranges(out, q, *fresh, k_cache, v_cache, attn_metadata.work[self.layer_kind(layer.layer_name)],
-                      self.scale)
+        self.attend(extract_layer_index(layer.layer_name), out, q, *fresh, k_cache, v_cache,
+                    attn_metadata.work[self.layer_kind(layer.layer_name)])
         output.view(-1, self.num_heads, self.head_size)[:n] = out.transpose(0, 1)
         return output
 
@@ -123,9 +133,9 @@ class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):
         prefilling = cm.is_prefilling.cpu() if cm.is_prefilling is not None else None
         rows = step_rows(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor.cpu(), self.block_size, cm.num_reqs,
                          prefilling)
-        work = {kind: range_work(impl.range_rows(kind, rows), block_size=self.block_size, group=self.group,
-                                 dtype=self.dtype, device=self.device, num_blocks=None)
-                for kind, impl in self.by_kind.items()}
+        geometry = dict(block_size=self.block_size, group=self.group, dtype=self.dtype, device=self.device,
+                        num_blocks=None)
+        work = {kind: impl.plan(kind, rows, geometry) for kind, impl in self.by_kind.items()}
         return RangeMetadata(cm.num_actual_tokens, work)
 
 

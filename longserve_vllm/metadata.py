@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from attention_backends.kernels.paged import cdiv
-from attention_backends.kernels.ranges import RangeWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,8 @@ def step_rows(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table
 @dataclass(frozen=True, slots=True)
 class RangeMetadata:
     """A step's plans, one per kind of layer (a kind is whatever decides which keys a layer's queries see: its own
-    sliding window, whether SWAA windows it), shared by every layer of that kind."""
+    sliding window, whether SWAA windows it), shared by every layer of that kind: a `RangeWork`, or a method's
+    own plan around one."""
 
     num_actual_tokens: int
-    work: dict[Hashable, RangeWork]
+    work: dict[Hashable, Any]

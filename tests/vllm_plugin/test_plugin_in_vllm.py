@@ -1,7 +1,7 @@
-"""The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here): LONGSERVE_DENSE and SWAA with
-a window covering every prompt give stock vLLM's greedy tokens; SWAA with real windows gives longserve's own engine's
-tokens on the same model and prompts; `release_kv` hands blocks back while the request runs and changes no token;
-a bad config fails start-up with its message."""
+"""The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here): LONGSERVE_DENSE, SWAA with
+a window covering every prompt and Loki keeping every key give stock vLLM's greedy tokens; SWAA with real windows and
+Loki keeping a quarter give longserve's own engine's tokens on the same model, prompts and artifact; `release_kv`
+hands blocks back while the request runs and changes no token; a bad config fails start-up with its message."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
 
+from attention_backends.calibration import calibrate  # noqa: E402
+from attention_backends.registry import validate_params  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from longserve_vllm.config import LongserveConfigError  # noqa: E402
@@ -66,10 +68,23 @@ def stock(tiny, prompts):
     return vllm_greedy(tiny, prompts)
 
 
-def longserve_greedy(tiny, prompts, **params) -> list[list[int]]:
-    engine = LLMEngine(EngineConfig(num_kv_blocks=200, max_model_len=1024), loaded=tiny)
-    return [t for t, _ in greedy_with_logprobs(engine, prompts, attention_backend="sliding_window",
+def longserve_engine(tiny) -> LLMEngine:
+    return LLMEngine(EngineConfig(num_kv_blocks=200, max_model_len=1024), loaded=tiny)
+
+
+def longserve_greedy(tiny, prompts, backend: str = "sliding_window", **params) -> list[list[int]]:
+    return [t for t, _ in greedy_with_logprobs(longserve_engine(tiny), prompts, attention_backend=backend,
                                                attention_params=params)]
+
+
+@pytest.fixture(scope="module")
+def loki_artifact(tiny, tmp_path_factory) -> str:
+    """The tiny model's Loki artifact, made by longserve's calibration (what `longserve calibrate` runs)."""
+    engine = longserve_engine(tiny)
+    path = tmp_path_factory.mktemp("loki") / "loki.safetensors"
+    calibrate(engine.calibration, engine.backend("loki"), validate_params("loki", {}), max_tokens=1000, output=path,
+              progress=False)
+    return str(path)
 
 
 def test_dense_gives_stock_vllms_tokens(tiny, prompts, stock):
@@ -86,6 +101,21 @@ def test_swaa_gives_longserves_own_tokens(tiny, prompts, stock, params):
     got = vllm_greedy(tiny, prompts, "LONGSERVE_SWAA", params)
     assert got == longserve_greedy(tiny, prompts, **params)
     assert got != stock  # the windows are short enough to change the answer
+
+
+LOKI_SPARSE = {"k_frac": 0.25, "d_frac": 0.25, "sinks": 4, "local_window": 16, "min_keep": 8, "dense_len": 64}
+
+
+def test_loki_keeping_every_key_gives_stock_vllms_tokens(tiny, prompts, stock, loki_artifact):
+    every = {"k_frac": 1.0, "d_frac": 1.0, "sinks": 0, "local_window": 0, "min_keep": 1, "dense_len": 0}
+    assert vllm_greedy(tiny, prompts, "LONGSERVE_LOKI", {**every, "calibration": loki_artifact}) == stock
+
+
+def test_loki_gives_longserves_own_tokens(tiny, prompts, stock, loki_artifact):
+    params = {**LOKI_SPARSE, "calibration": loki_artifact}
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_LOKI", params)
+    assert got == longserve_greedy(tiny, prompts, "loki", **params)
+    assert got != stock
 
 
 def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
@@ -107,11 +137,14 @@ def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
     assert max(released) >= (300 - 64 + 1) // 32 - 1
 
 
-@pytest.mark.parametrize(("longserve", "says"), [
-    ({"window": 0}, "window: Input should be greater than or equal to 1"),
-    ({"window": 64, "full_attention_layers": [5]}, "names layers past the model's 2"),
-    ({"window": 64, "release_kv": True}, "release_kv needs windowed decode"),
+@pytest.mark.parametrize(("backend", "longserve", "says"), [
+    ("LONGSERVE_SWAA", {"window": 0}, "window: Input should be greater than or equal to 1"),
+    ("LONGSERVE_SWAA", {"window": 64, "full_attention_layers": [5]}, "names layers past the model's 2"),
+    ("LONGSERVE_SWAA", {"window": 64, "release_kv": True}, "release_kv needs windowed decode"),
+    ("LONGSERVE_LOKI", {"calibration": "/nonexistent/loki.safetensors"},
+     "no Loki calibration artifact at .*make it with: longserve calibrate --backend loki"),
+    ("LONGSERVE_LOKI", {"prefill": "topk"}, "runs prefill exactly"),
 ])
-def test_a_bad_config_fails_start_up_with_its_message(tiny, longserve, says):
-    with pytest.raises(LongserveConfigError, match=says), vllm_engine(tiny, "LONGSERVE_SWAA", longserve):
+def test_a_bad_config_fails_start_up_with_its_message(tiny, backend, longserve, says):
+    with pytest.raises(LongserveConfigError, match=says), vllm_engine(tiny, backend, longserve):
         pass

@@ -29,7 +29,7 @@ from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_wor
 from longserve_vllm.layout import cache_views  # noqa: E402
 from longserve_vllm.metadata import step_rows  # noqa: E402
 
-NAMES = ("LONGSERVE_DENSE", "LONGSERVE_SWAA")
+NAMES = ("LONGSERVE_DENSE", "LONGSERVE_SWAA", "LONGSERVE_LOKI")
 
 
 def test_entry_point_registers_each_backend_once():
