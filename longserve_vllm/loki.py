@@ -97,7 +97,8 @@ class LokiImpl(RangeImpl):
         for r in work.topk:
             length = r.start + 1
             table = r.block_table[: cdiv(length, bs)].to(k_cache.device)
-            low = take_blocks(k_cache, table).flatten(0, 1)[:length, :, : self.rank]  # [L, H_kv, d]
+            # Only the first d channels are read: on the CPU cache they are d whole rows of each block's keys.
+            low = take_blocks(k_cache[..., : self.rank], table).flatten(0, 1)[:length]  # [L, H_kv, d]
             rows = qr[:, r.row : r.row + 1]
             indices, visible = keep_top(lowrank_scores(rows, low, per_group=p.selection == "group"), r.start,
                                         sinks=p.sinks, local_window=p.local_window, k_frac=p.k_frac,
