@@ -53,7 +53,7 @@ class RangeImpl(PlatformImpl):
         self.params = deployment_params(self.method, config.additional_config)
         self.num_layers = config.model_config.get_total_num_hidden_layers()
         self.check_params()
-        self._kinds: dict[str, Hashable] = {}
+        self._layers: dict[str, tuple[int, Hashable]] = {}
 
     def check_params(self) -> None:
         """Raise LongserveConfigError for params that do not fit the model."""
@@ -75,10 +75,12 @@ class RangeImpl(PlatformImpl):
         """`out` `[H_q, T, D]` from queries `q` and fresh `k`/`v` `[H_kv, T, D]` (None: read from the cache)."""
         attend_ranges(out, q, k, v, k_cache, v_cache, work, self.scale)
 
-    def layer_kind(self, layer_name: str) -> Hashable:
-        if layer_name not in self._kinds:
-            self._kinds[layer_name] = self.kind(extract_layer_index(layer_name))
-        return self._kinds[layer_name]
+    def layer(self, layer_name: str) -> tuple[int, Hashable]:
+        """The layer's index and kind, parsed from its name once."""
+        if layer_name not in self._layers:
+            index = extract_layer_index(layer_name)
+            self._layers[layer_name] = index, self.kind(index)
+        return self._layers[layer_name]
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor | None,
                 value: torch.Tensor | None, kv_cache: torch.Tensor, attn_metadata: RangeMetadata | None,
@@ -93,8 +95,8 @@ class RangeImpl(PlatformImpl):
         q = query[:n].transpose(0, 1)
         fresh = (key[:n].transpose(0, 1), value[:n].transpose(0, 1)) if key is not None else (None, None)
         out = torch.empty_like(q)
-        self.attend(extract_layer_index(layer.layer_name), out, q, *fresh, k_cache, v_cache,
-                    attn_metadata.work[self.layer_kind(layer.layer_name)])
+        index, kind = self.layer(layer.layer_name)
+        self.attend(index, out, q, *fresh, k_cache, v_cache, attn_metadata.work[kind])
         output.view(-1, self.num_heads, self.head_size)[:n] = out.transpose(0, 1)
         return output
 
@@ -111,7 +113,7 @@ class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):
         self._init_reorder_batch_threshold(1)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         impls = [(name, layer.impl) for name, layer in layers.items() if isinstance(layer.impl, RangeImpl)]
-        self.by_kind = {impl.layer_kind(name): impl for name, impl in impls}
+        self.by_kind = {impl.layer(name)[1]: impl for name, impl in impls}
         impl = impls[0][1]
         self.group = impl.num_heads // impl.num_kv_heads
         self.block_size = kv_cache_spec.block_size
@@ -140,10 +142,20 @@ class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):
 
 
 class LongserveBackend(PlatformBackend):
-    """The platform backend with longserve's math; subclasses give `get_name` and `get_impl_cls`."""
+    """The platform backend with longserve's math; a subclass names its enum member and its impl."""
 
+    registered_name: ClassVar[str]  # the member of vLLM's AttentionBackendEnum, which `get_name` must return
+    impl_cls: ClassVar[type[RangeImpl]]
     forward_includes_kv_cache_update: bool = False
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @classmethod
+    def get_name(cls) -> str:
+        return cls.registered_name
+
+    @classmethod
+    def get_impl_cls(cls) -> type[RangeImpl]:
+        return cls.impl_cls
 
     @staticmethod
     def get_builder_cls() -> type[RangeMetadataBuilder]:

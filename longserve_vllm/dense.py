@@ -11,10 +11,5 @@ class DenseImpl(RangeImpl):
 
 
 class DenseBackend(LongserveBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "LONGSERVE_DENSE"
-
-    @staticmethod
-    def get_impl_cls() -> type[DenseImpl]:
-        return DenseImpl
+    registered_name = "LONGSERVE_DENSE"
+    impl_cls = DenseImpl

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
 
 from attention_backends.calibration import (
     CalibrationError,
@@ -53,23 +52,25 @@ class LokiImpl(RangeImpl):
             raise LongserveConfigError('LONGSERVE_LOKI runs prefill exactly; "prefill": "topk" is longserve\'s own')
         if self.own_window is not None:
             raise LongserveConfigError("LONGSERVE_LOKI does not serve models with sliding-window layers")
-        model_dir = Path(get_current_vllm_config().model_config.model)
+        model_config = get_current_vllm_config().model_config
+        model_dir = Path(model_config.model)
         if not (model_dir / "config.json").is_file():
             raise LongserveConfigError(f"LONGSERVE_LOKI needs a local model directory (its artifact is keyed by the "
                                        f"weights), got {str(model_dir)!r}")
-        path = Path(p.calibration) if p.calibration else artifact_path("loki", fingerprint(model_dir), p)
+        weights = fingerprint(model_dir)
+        path = Path(p.calibration) if p.calibration else artifact_path("loki", weights, p)
         if not path.exists():
             raise LongserveConfigError(f"no Loki calibration artifact at {path}; make it with: "
                                        f"{calibrate_command('loki', str(model_dir), p, p.calibration)}")
         try:
-            comps = load_artifact(path, "loki", fingerprint(model_dir), p, str(model_dir))["components"]
+            comps = load_artifact(path, "loki", weights, p, str(model_dir))["components"]
         except CalibrationError as e:
             raise LongserveConfigError(str(e)) from None
         want = (self.num_layers, self.num_kv_heads, self.head_size, self.head_size)
         if tuple(comps.shape) != want:  # tensor parallelism shards KV heads; the artifact holds them all
             raise LongserveConfigError(f"the Loki artifact's components are {tuple(comps.shape)}; this layer needs "
                                        f"{want} (LONGSERVE_LOKI runs without tensor parallelism)")
-        self.key_basis = comps.to(get_current_vllm_config().model_config.dtype)
+        self.key_basis = comps.to(model_config.dtype)
         self.query_basis = self.key_basis.repeat_interleave(self.num_heads // self.num_kv_heads, 1)
         self.rank = p.rank(self.head_size)
 
@@ -82,11 +83,9 @@ class LokiImpl(RangeImpl):
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        super().do_kv_cache_update(layer, self._rotate_keys(layer.layer_name, key), value, kv_cache, slot_mapping)
-
-    def _rotate_keys(self, layer_name: str, key: torch.Tensor) -> torch.Tensor:
-        basis = self.key_basis[extract_layer_index(layer_name)]
-        return (key.transpose(0, 1) @ basis.transpose(1, 2)).transpose(0, 1).contiguous()
+        basis = self.key_basis[self.layer(layer.layer_name)[0]]
+        rotated = (key.transpose(0, 1) @ basis.transpose(1, 2)).transpose(0, 1).contiguous()
+        super().do_kv_cache_update(layer, rotated, value, kv_cache, slot_mapping)
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: LokiWork) -> None:
@@ -108,10 +107,5 @@ class LokiImpl(RangeImpl):
 
 
 class LokiBackend(LongserveBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "LONGSERVE_LOKI"
-
-    @staticmethod
-    def get_impl_cls() -> type[LokiImpl]:
-        return LokiImpl
+    registered_name = "LONGSERVE_LOKI"
+    impl_cls = LokiImpl

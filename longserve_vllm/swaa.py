@@ -48,13 +48,8 @@ class SWAAImpl(RangeImpl):
 
 
 class SWAABackend(LongserveBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "LONGSERVE_SWAA"
-
-    @staticmethod
-    def get_impl_cls() -> type[SWAAImpl]:
-        return SWAAImpl
+    registered_name = "LONGSERVE_SWAA"
+    impl_cls = SWAAImpl
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
