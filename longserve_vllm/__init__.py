@@ -16,6 +16,8 @@ BACKENDS = {
     "LONGSERVE_DENSE": "longserve_vllm.dense.DenseBackend",
     "LONGSERVE_SWAA": "longserve_vllm.swaa.SWAABackend",
     "LONGSERVE_LOKI": "longserve_vllm.loki.LokiBackend",
+    "LONGSERVE_INFLLM_V2": "longserve_vllm.infllm_v2.InfLLMV2Backend",
+    "LONGSERVE_STAR": "longserve_vllm.star.StarBackend",
 }
 logger = logging.getLogger("vllm.longserve")  # under vLLM's logger, so its handlers print it
 

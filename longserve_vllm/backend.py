@@ -133,8 +133,9 @@ class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):
         cm = common_attn_metadata
         seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens.cpu()
         prefilling = cm.is_prefilling.cpu() if cm.is_prefilling is not None else None
+        prompt_lens = cm.rswa_prefix_lens.cpu() if cm.rswa_prefix_lens is not None else None
         rows = step_rows(cm.query_start_loc_cpu, seq_lens, cm.block_table_tensor.cpu(), self.block_size, cm.num_reqs,
-                         prefilling)
+                         prefilling, prompt_lens)
         geometry = dict(block_size=self.block_size, group=self.group, dtype=self.dtype, device=self.device,
                         num_blocks=None)
         work = {kind: impl.plan(kind, rows, geometry) for kind, impl in self.by_kind.items()}

@@ -20,7 +20,8 @@ from conftest import natural_text
 from attention_backends.context import AttentionSpec
 from attention_backends.infllm_v2 import MEANS_TABLE, InfLLMV2Backend
 from attention_backends.kernels import block_sparse
-from attention_backends.kernels.block_sparse import sparse_prefill
+from attention_backends.kernels.block_sparse import compress, sparse_prefill
+from attention_backends.kernels.paged import take_blocks
 from attention_backends.registry import BackendError, validate_params
 from engine.sampling_params import SamplingParams
 from kv_cache.paged_kv import KVSpec, PagedKVCache
@@ -122,7 +123,7 @@ def test_sparse_kernel_over_every_block_is_dense():
     seq = SynthSeq.random(LAYERS, HQ, HKV, D, n, n, 1, BS)
     run_steps(backend, {"s": seq}, [[("s", n)]], params, lambda *a: None)
     start = n - sel.block + 5
-    c = backend._compressed(0, type("S", (), dict(block_table=seq.table, context_len=n))(), sel)
+    c = compress(take_blocks(backend.means.data[0], seq.table[: n // BS]), sel)
     got = sparse_prefill(kv.k[0], kv.v[0], seq.q[0][:, start:], start, seq.table, c, sel, D**-0.5)
     qpos = torch.arange(start, n)
     want = masked_attention(seq.q[0][:, start:], seq.k[0], seq.v[0], torch.arange(n)[None] <= qpos[:, None], D**-0.5)

@@ -13,13 +13,14 @@ blocks are forced in; the group attends to `k` blocks, its own (current) block l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from attention_backends.kernels.dispatch import check_ids, use_triton
-from attention_backends.kernels.paged import gather_head_slots, sdpa
+from attention_backends.kernels.paged import gather_head_slots, sdpa, take_blocks
 from attention_backends.kernels.slots import slot_attention
 
 COARSE = 4  # tier 2's kernel and stride are this multiple of tier 1's, as in the reference
@@ -51,6 +52,17 @@ class Compressed:
     coarse_last: torch.Tensor  # [n2]
 
 
+@dataclass(frozen=True, slots=True)
+class SparseRow:
+    """One sequence's rows `[row, row + length)` of the packed batch, at positions `[start, start + length)`, that
+    attend block-sparsely; `block_table` holds at least the blocks of positions up to the last row."""
+
+    row: int
+    block_table: torch.Tensor
+    start: int
+    length: int
+
+
 def _pool(means: torch.Tensor, kernel: int, stride: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     kp, sp = kernel // page, stride // page
     n = (means.shape[0] - kp) // sp + 1 if means.shape[0] >= kp else 0
@@ -58,6 +70,11 @@ def _pool(means: torch.Tensor, kernel: int, stride: int, page: int) -> tuple[tor
     if n == 0:
         return means.new_zeros((0, *means.shape[1:])), last
     return means[: (n - 1) * sp + kp].unfold(0, kp, sp).mean(-1), last
+
+
+def page_means(k_cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """The float32 key means `[n, H_kv, D]` of full cache blocks `pages` `[n]`, the rows of a means table."""
+    return k_cache[pages].float().mean(1)
 
 
 def compress(means: torch.Tensor, sel: Selection) -> Compressed:
@@ -184,3 +201,33 @@ def sparse_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor,
     visible = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
     return slot_attention(q, k_cache, v_cache, page_slots(pages, sel.page),
                           visible.expand(pages.shape[0], -1, -1), scale)
+
+
+def decode_pages(q: torch.Tensor, pos: int, table: torch.Tensor, c: Compressed, sel: Selection, scale: float
+                 ) -> torch.Tensor:
+    """The `[H_kv, k * pages_per_block]` cache blocks one decode query `q` `[H_q, 1, D]` at `pos` attends to."""
+    probs = kernel_probs(q, torch.tensor([pos]), c, scale)
+    cur = torch.tensor([pos // sel.block])
+    blocks = select_blocks(probs, cur, sel)[:, 0].cpu()
+    return block_pages(blocks, padded_table(table, int(cur) + 1, sel), sel)
+
+
+def attend_block_sparse(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        means: torch.Tensor, rows: Sequence[SparseRow], sel: Selection, scale: float) -> None:
+    """Rows of `out` `[H_q, T, D]` from `q` over the cache, whose keys (the rows' own included) are all written;
+    `means` `[num_blocks, H_kv, D]` holds the key means of at least the rows' full pages. Prefill chunks run one
+    by one, decodes in one batch."""
+    decodes, pages = [], []
+    for r in rows:
+        end = r.start + r.length
+        c = compress(take_blocks(means, r.block_table[: end // sel.page]), sel)
+        if r.length > 1:
+            out[:, r.row : r.row + r.length] = sparse_prefill(k_cache, v_cache, q[:, r.row : r.row + r.length],
+                                                              r.start, r.block_table, c, sel, scale)
+        else:
+            decodes.append(r)
+            pages.append(decode_pages(q[:, r.row : r.row + 1], r.start, r.block_table, c, sel, scale))
+    if decodes:
+        at = torch.tensor([r.row for r in decodes])
+        lens = torch.tensor([r.start + 1 for r in decodes])
+        out[:, at] = sparse_decode(k_cache, v_cache, q[:, at], torch.stack(pages, 1), lens, sel, scale)

@@ -1,15 +1,16 @@
 """A step's attention over key ranges, planned once for every layer that shares a pattern, in either host.
 
-Each sequence's rows see the keys `[0, sinks) ∪` a causal band (within `window` when given): dense attention with no
-sinks or window, a model's own sliding window, SWAA's band with sink tokens. A one-query row is a decode whatever
-its phase (the visible keys are the same), so it joins the step's batched decode; longer chunks go to the prefill
-batch. longserve's backends and the vLLM plugin both describe their rows as `RangeRow`s.
+Each sequence's rows see the keys `[0, sinks) ∪` a causal band from `lo` on (within `window` when given): dense
+attention with neither, a model's own sliding window, SWAA's band with sink tokens, Star Attention's context block
+behind its anchor. A one-query row is a decode whatever its phase (the visible keys are the same), so it joins the
+step's batched decode; longer chunks go to the prefill batch. longserve's backends and the vLLM plugin both describe
+their rows as `RangeRow`s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +28,7 @@ class RangeRow:
     length: int
     sinks: int = 0
     window: int | None = None
+    lo: int = 0  # the band's first key (Star Attention's context block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +43,13 @@ class RangeWork:
 def range_work(rows: Sequence[RangeRow], *, block_size: int, group: int, dtype: torch.dtype,
                device: torch.device | str, num_blocks: int) -> RangeWork:
     """Plan `rows` for the kernel that will run them; `group` is query heads per KV head."""
-    chunks = [(r.row, r.block_table, prefill_plan(r.start, r.length, sinks=r.sinks, window=r.window, dtype=dtype,
-                                                   device=device))
+    chunks = [(r.row, r.block_table, prefill_plan(r.start, r.length, sinks=r.sinks, lo=r.lo, window=r.window,
+                                                   dtype=dtype, device=device))
               for r in rows if r.length > 1]
+    # One query's band from `lo` is a window reaching back to it.
+    rows = [r if r.length > 1 or not r.lo else replace(r, window=min(r.window or r.start + 1, r.start + 1 - r.lo),
+                                                        lo=0)
+            for r in rows]
     decode = []
     for windowed in (False, True):
         dec = [r for r in rows if r.length == 1 and (r.window is not None) == windowed]

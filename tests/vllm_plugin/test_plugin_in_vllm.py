@@ -44,11 +44,11 @@ def prompts() -> list[list[int]]:
 
 
 @contextmanager
-def vllm_engine(tiny, backend: str | None = None, longserve: dict | None = None):
+def vllm_engine(tiny, backend: str | None = None, longserve: dict | None = None, **engine_args):
     load_general_plugins()  # before LLM(): the offline API checks the backend name before it loads plugins
     llm = LLM(str(tiny.path), skip_tokenizer_init=True, enforce_eager=True, block_size=32, dtype="float32",
               max_model_len=1024, seed=0, attention_config={"backend": backend} if backend else None,
-              additional_config={"longserve": longserve} if longserve is not None else {})
+              additional_config={"longserve": longserve} if longserve is not None else {}, **engine_args)
     try:
         yield llm
     finally:
@@ -57,8 +57,9 @@ def vllm_engine(tiny, backend: str | None = None, longserve: dict | None = None)
         cleanup_dist_env_and_memory()
 
 
-def vllm_greedy(tiny, prompts, backend: str | None = None, longserve: dict | None = None) -> list[list[int]]:
-    with vllm_engine(tiny, backend, longserve) as llm:
+def vllm_greedy(tiny, prompts, backend: str | None = None, longserve: dict | None = None, **engine_args
+                ) -> list[list[int]]:
+    with vllm_engine(tiny, backend, longserve, **engine_args) as llm:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -68,13 +69,15 @@ def stock(tiny, prompts):
     return vllm_greedy(tiny, prompts)
 
 
-def longserve_engine(tiny) -> LLMEngine:
-    return LLMEngine(EngineConfig(num_kv_blocks=200, max_model_len=1024), loaded=tiny)
+def longserve_engine(tiny, block_size: int = 16) -> LLMEngine:
+    return LLMEngine(EngineConfig(num_kv_blocks=6400 // block_size, max_model_len=1024, block_size=block_size),
+                     loaded=tiny)
 
 
-def longserve_greedy(tiny, prompts, backend: str = "sliding_window", **params) -> list[list[int]]:
-    return [t for t, _ in greedy_with_logprobs(longserve_engine(tiny), prompts, attention_backend=backend,
-                                               attention_params=params)]
+def longserve_greedy(tiny, prompts, backend: str = "sliding_window", page: int = 16, **params) -> list[list[int]]:
+    """longserve's engine's tokens; a method whose blocks are vLLM's pages (InfLLM-V2's, TCA's) runs vLLM's 32."""
+    return [t for t, _ in greedy_with_logprobs(longserve_engine(tiny, page), prompts,
+                                               attention_backend=backend, attention_params=params)]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +121,45 @@ def test_loki_gives_longserves_own_tokens(tiny, prompts, stock, loki_artifact):
     assert got != stock
 
 
+INFLLM_SPARSE = {"dense_len": 128, "block_size": 32, "kernel_size": 64, "kernel_stride": 32, "topk": 3,
+                 "init_blocks": 1, "local_blocks": 1}  # rows from position 128 on: 4 blocks, one of them scored in
+
+
+def test_infllm_v2_under_its_switch_gives_stock_vllms_tokens(tiny, prompts, stock):
+    assert vllm_greedy(tiny, prompts, "LONGSERVE_INFLLM_V2", {**INFLLM_SPARSE, "dense_len": 2048}) == stock
+
+
+def test_infllm_v2_gives_longserves_own_tokens_through_prefix_hits_and_block_reuse(tiny, prompts, stock):
+    """Requests one at a time through a pool of 34 blocks: the second `a` hits the prefix cache, `d` evicts (and
+    rewrites) `a`'s cached blocks, the last `a` recomputes into reused blocks; every answer is longserve's."""
+    g = torch.Generator().manual_seed(5)
+    a, b, c, d = (torch.randint(100, 40000, (300,), generator=g).tolist() for _ in range(4))
+    order = [a, a, b, c, d, a, *prompts]
+    with vllm_engine(tiny, "LONGSERVE_INFLLM_V2", INFLLM_SPARSE, num_gpu_blocks_override=34) as llm:
+        outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], GREEDY, use_tqdm=False)[0] for p in order]
+    cached = [o.num_cached_tokens for o in outs]
+    assert cached[1] >= 288 and cached[5] < cached[1]  # a hit, and a's blocks reused by d
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == longserve_greedy(tiny, order, "infllm_v2", page=32, **INFLLM_SPARSE)
+    assert got[-3:] != stock
+
+
+STAR_SPARSE = {"block_size": 64, "anchor_size": 32, "query_tokens": 32}
+
+
+def test_star_with_one_context_block_gives_stock_vllms_tokens(tiny, prompts, stock):
+    one_block = {**STAR_SPARSE, "block_size": 1024}
+    assert vllm_greedy(tiny, prompts, "LONGSERVE_STAR", one_block, enable_prefix_caching=False) == stock
+
+
+def test_star_gives_longserves_own_tokens_with_chunked_prefill(tiny, prompts, stock):
+    # 100-token chunks: a chunk ends inside a context block, and one crosses into the query
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_STAR", STAR_SPARSE, enable_prefix_caching=False,
+                      max_num_batched_tokens=100, max_num_seqs=3)
+    assert got == longserve_greedy(tiny, prompts, "star", **STAR_SPARSE)
+    assert got != stock
+
+
 def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
     want = vllm_greedy(tiny, prompts[:1], "LONGSERVE_SWAA", WINDOWED)
     with vllm_engine(tiny, "LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}) as llm:
@@ -144,6 +186,8 @@ def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
     ("LONGSERVE_LOKI", {"calibration": "/nonexistent/loki.safetensors"},
      "no Loki calibration artifact at .*make it with: longserve calibrate --backend loki"),
     ("LONGSERVE_LOKI", {"prefill": "topk"}, "runs prefill exactly"),
+    ("LONGSERVE_INFLLM_V2", {"kernel_size": 32, "kernel_stride": 16}, "multiples of the KV cache block size"),
+    ("LONGSERVE_STAR", {}, "serve with --no-enable-prefix-caching"),
 ])
 def test_a_bad_config_fails_start_up_with_its_message(tiny, backend, longserve, says):
     with pytest.raises(LongserveConfigError, match=says), vllm_engine(tiny, backend, longserve):

@@ -1,0 +1,92 @@
+"""LONGSERVE_INFLLM_V2: InfLLM-V2's dense-sparse switchable attention, with longserve's `infllm_v2` params.
+
+Rows at positions before the switch attend exactly; later ones score every earlier selection block through
+compressed keys and attend to their `topk + local_blocks` blocks, in prefill and decode alike
+(`attention_backends.kernels.block_sparse`, the ops longserve's engine runs).
+
+Where this differs from longserve's engine, and why:
+- The switch is on position only: a row is sparse iff `position + 1 >= dense_len` (or past the first
+  `topk + local_blocks` blocks, which it would see whole anyway). vLLM's backends are not told a request's prompt
+  length, so a long prompt's leading rows stay dense here, where longserve makes the whole prompt sparse.
+- The compressed keys pool per-block key means kept in a float32 table indexed by vLLM's block id, one per layer:
+  a block's means are computed when vLLM writes its last slot, after the writes before it, so a block that is freed
+  and reused gets fresh means when it fills again, and a full block a prefix-cache hit shares was never rewritten.
+  A block filled by a KV connector bypasses the writer and has no means: do not combine the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.config import get_current_vllm_config
+
+from attention_backends.infllm_v2 import InfLLMV2Params
+from attention_backends.kernels.block_sparse import SparseRow, attend_block_sparse, page_means
+from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
+from longserve_vllm.backend import LongserveBackend, RangeImpl
+from longserve_vllm.config import LongserveConfigError
+from longserve_vllm.layout import cache_views
+from longserve_vllm.metadata import StepRow
+from longserve_vllm.platform_backend import ON_CPU
+
+
+@dataclass(frozen=True, slots=True)
+class InfLLMWork:
+    exact: RangeWork  # rows before the switch
+    sparse: tuple[SparseRow, ...]
+
+
+class InfLLMV2Impl(RangeImpl):
+    method = "infllm_v2"
+    params: InfLLMV2Params
+
+    def check_params(self) -> None:
+        page = get_current_vllm_config().cache_config.block_size
+        p = self.params
+        if p.kernel_stride % page or p.block_size % page:
+            raise LongserveConfigError(f"LONGSERVE_INFLLM_V2: kernel_stride and block_size must be multiples of the "
+                                       f"KV cache block size ({page}), got {p.kernel_stride} and {p.block_size}")
+        if self.own_window is not None:
+            raise LongserveConfigError("LONGSERVE_INFLLM_V2 needs full-attention layers; this model has its own "
+                                       "sliding window")
+        self.selection = p.selection(page)
+        self.first_sparse = p.first_sparse(None)
+        self.means: dict[int, torch.Tensor] = {}  # per layer: [num_blocks, H_kv, D] key means of full blocks
+
+    def plan(self, kind: Hashable, rows: list[StepRow], geometry: dict[str, Any]) -> InfLLMWork:
+        exact, sparse = [], []
+        for r in rows:
+            n = min(max(self.first_sparse - r.start, 0), r.length)
+            if n:
+                exact.append(RangeRow(r.row, r.block_table, r.start, n))
+            if n < r.length:
+                sparse.append(SparseRow(r.row + n, r.block_table, r.start + n, r.length - n))
+        return InfLLMWork(range_work(exact, **geometry), tuple(sparse))
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        k_cache = cache_views(kv_cache, self.head_size, layer.isa if ON_CPU else None)[0]
+        num_blocks, bs = k_cache.shape[:2]
+        index = self.layer(layer.layer_name)[0]
+        if index not in self.means:
+            self.means[index] = torch.zeros(num_blocks, self.num_kv_heads, self.head_size, device=kv_cache.device)
+        slots = slot_mapping[: key.shape[0]]
+        full = slots[(slots >= 0) & (slots % bs == bs - 1)] // bs  # blocks whose last slot this step wrote
+        if full.numel():
+            self.means[index][full] = page_means(k_cache, full)
+
+    def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
+               v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: InfLLMWork) -> None:
+        attend_ranges(out, q, k, v, k_cache, v_cache, work.exact, self.scale)
+        if work.sparse:
+            attend_block_sparse(out, q, k_cache, v_cache, self.means[layer_index], work.sparse, self.selection,
+                                self.scale)
+
+
+class InfLLMV2Backend(LongserveBackend):
+    registered_name = "LONGSERVE_INFLLM_V2"
+    impl_cls = InfLLMV2Impl
