@@ -69,6 +69,32 @@ class TCAState:
     free: deque[torch.Tensor] = field(default_factory=deque)  # head pages no (layer, head) has taken yet
 
 
+def completed_blocks(start: int, length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks of a sequence whose last token is among a step's rows at positions `[start, start + length)`:
+    their indices in its block table, and the rows (counted from the step's first) of their last tokens."""
+    first, last = cdiv(start + 1, block), (start + length) // block
+    blocks = torch.arange(first - 1, last)
+    return blocks, (blocks + 1) * block - 1 - start
+
+
+def keep_masks(probe: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor, scale: float) -> torch.Tensor:
+    """Which tokens each KV head keeps `[N, bs, H_kv]` of N completed blocks with keys `[N, bs, H_kv, D]`, decided
+    by their last queries `probe` `[H_q, N, D]` against one layer's thresholds `[H_kv, m - 1]`."""
+    n, hkv = keys.shape[0], keys.shape[2]
+    a = block_attention(probe.reshape(hkv, -1, n, probe.shape[-1]), keys, scale)
+    budget = 2 ** budget_class(redundancy(a), thresholds.unsqueeze(1))  # [H_kv, N]
+    keep = a.argsort(-1, descending=True).argsort(-1) < budget.unsqueeze(-1)  # [H_kv, N, bs]
+    return keep.permute(1, 2, 0)
+
+
+def frontier(start: int, block: int, params: TCAParams) -> int:
+    """Where a sequence's compacted blocks end before a step at `start`: the steps before it (the last ending at
+    `start`) compact the blocks behind the local window once the sequence holds `dense_len` tokens."""
+    if start < params.dense_len:
+        return 0
+    return max(0, ((start - 1) // block - params.local_blocks + 1) * block)
+
+
 @dataclass(frozen=True, slots=True)
 class TCAMeta:
     # Blocks that complete in this step: (sequence, batch rows of their last queries, their block ids).
@@ -103,14 +129,11 @@ class TCABackend(CalibratedBackend[TCAMeta]):
                         spare=[[[] for _ in heads] for _ in layers])
 
     def prepare(self, batch: BackendBatch[TCAMeta]) -> TCAMeta:
-        bs = self.spec.block_size
         completed = []
         for s in batch.seqs:
-            first, last = cdiv(s.num_computed_tokens + 1, bs), s.context_len // bs  # blocks whose last token is in
-            if last >= first:
-                blocks = torch.arange(first - 1, last)
-                rows = s.query_start + (blocks + 1) * bs - 1 - s.num_computed_tokens
-                completed.append((s, rows, s.block_table[blocks]))
+            blocks, rows = completed_blocks(s.num_computed_tokens, s.query_len, self.spec.block_size)
+            if len(blocks):
+                completed.append((s, s.query_start + rows, s.block_table[blocks]))
         return TCAMeta(completed)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[TCAMeta],
@@ -131,11 +154,8 @@ class TCABackend(CalibratedBackend[TCAMeta]):
 
     def decide(self, layer: int, probe: torch.Tensor, blocks: torch.Tensor, budgets: Budgets, scale: float) -> None:
         """Keep masks of just-completed blocks, from their last queries `probe` `[H_q, N, D]`."""
-        hkv, dev = self.spec.num_kv_heads, blocks.to(self.kv.device)
-        a = block_attention(probe.reshape(hkv, -1, len(blocks), probe.shape[-1]), self.kv.k[layer][dev], scale)
-        budget = 2 ** budget_class(redundancy(a), budgets.thresholds[layer].unsqueeze(1))  # [H_kv, N]
-        keep = a.argsort(-1, descending=True).argsort(-1) < budget.unsqueeze(-1)  # [H_kv, N, bs]
-        self.keep.data[layer, dev] = keep.permute(1, 2, 0)
+        dev = blocks.to(self.kv.device)
+        self.keep.data[layer, dev] = keep_masks(probe, self.kv.k[layer][dev], budgets.thresholds[layer], scale)
 
     def region_rows(self, layer: int, seq: SeqStep[TCAParams, TCAState]) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's region tokens per KV head, padded to the longest: their rows `[H_kv, C]` of `k_all.view(-1, D)`
@@ -173,9 +193,9 @@ class TCABackend(CalibratedBackend[TCAMeta]):
                start: int, pos: int, n: int, scale: float, out: torch.Tensor) -> None:
         """Rows `start..start+n` (positions `pos..`): kept region tokens per KV head, then every token from
         the frontier on, causally."""
-        (kr, vr, kept), frontier = region, seq.state.frontier
-        kp, vp = gather_range(self.kv.k[layer], self.kv.v[layer], seq.block_table, frontier, pos + n)
-        kpos = torch.arange(frontier, pos + n, device=kept.device)
+        (kr, vr, kept), first = region, seq.state.frontier
+        kp, vp = gather_range(self.kv.k[layer], self.kv.v[layer], seq.block_table, first, pos + n)
+        kpos = torch.arange(first, pos + n, device=kept.device)
         causal = kpos <= torch.arange(pos, pos + n, device=kept.device).unsqueeze(1)  # [n, L - frontier]
         mask = torch.cat([kept.unsqueeze(1).expand(-1, n, -1), causal.expand(len(kept), -1, -1)], -1)
         out[:, start : start + n] = sdpa(q[:, start : start + n], torch.cat([kr, kp], 1), torch.cat([vr, vp], 1),
@@ -184,10 +204,10 @@ class TCABackend(CalibratedBackend[TCAMeta]):
     def blocks_to_release(self, step: SeqStep[TCAParams, TCAState]) -> list[int]:
         """Compact the blocks that left the local window; give back those the region did not absorb."""
         st, bs, hkv, layers = step.state, self.spec.block_size, self.spec.num_kv_heads, self.spec.num_layers
-        frontier = max(st.frontier, ((step.end - 1) // bs - step.params.local_blocks + 1) * bs)
-        if frontier <= st.frontier or step.end < step.params.dense_len:
+        end = frontier(step.end, bs, step.params)
+        if end <= st.frontier:
             return []
-        indices = list(range(st.frontier // bs, frontier // bs))
+        indices = list(range(st.frontier // bs, end // bs))
         slots = (step.block_table[indices].unsqueeze(1) * bs + torch.arange(bs)).flatten()
         moved = []  # per (layer, head): the rows of the tokens it keeps, and their K/V, read before any write
         for layer in range(layers):
@@ -212,5 +232,5 @@ class TCABackend(CalibratedBackend[TCAMeta]):
             st.rows[layer][h] = torch.cat([st.rows[layer][h], dst])
             self.kv.k_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = kk
             self.kv.v_all.view(-1, self.spec.head_dim)[dst.to(self.kv.device)] = vv
-        st.frontier = frontier
+        st.frontier = end
         return indices[len(absorbed):]

@@ -18,6 +18,7 @@ BACKENDS = {
     "LONGSERVE_LOKI": "longserve_vllm.loki.LokiBackend",
     "LONGSERVE_INFLLM_V2": "longserve_vllm.infllm_v2.InfLLMV2Backend",
     "LONGSERVE_STAR": "longserve_vllm.star.StarBackend",
+    "LONGSERVE_TCA": "longserve_vllm.tca.TCABackend",
 }
 logger = logging.getLogger("vllm.longserve")  # under vLLM's logger, so its handlers print it
 

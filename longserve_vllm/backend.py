@@ -10,6 +10,7 @@ or, for more than key ranges, its own per-kind plan (`plan`) and attention over 
 from __future__ import annotations
 
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,13 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from attention_backends.calibration import (
+    CalibrationError,
+    artifact_path,
+    calibrate_command,
+    fingerprint,
+    load_artifact,
+)
 from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
 from longserve_vllm.config import LongserveConfigError, deployment_params
 from longserve_vllm.layout import cache_views, check_cpu_isa
@@ -57,6 +65,23 @@ class RangeImpl(PlatformImpl):
 
     def check_params(self) -> None:
         """Raise LongserveConfigError for params that do not fit the model."""
+
+    def artifact(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of longserve's calibration artifact for this deployment's params: the file `calibration`
+        names, or the one `longserve calibrate` stored in longserve's cache for this model directory's weights."""
+        model_dir = Path(get_current_vllm_config().model_config.model)
+        if not (model_dir / "config.json").is_file():
+            raise LongserveConfigError(f"{name} needs a local model directory (its artifact is keyed by the weights), "
+                                       f"got {str(model_dir)!r}")
+        p, weights = self.params, fingerprint(model_dir)
+        path = Path(p.calibration) if p.calibration else artifact_path(self.method, weights, p)
+        if not path.exists():
+            raise LongserveConfigError(f"no {name} calibration artifact at {path}; make it with: "
+                                       f"{calibrate_command(self.method, str(model_dir), p, p.calibration)}")
+        try:
+            return load_artifact(path, self.method, weights, p, str(model_dir))
+        except CalibrationError as e:
+            raise LongserveConfigError(str(e)) from None
 
     def kind(self, layer_index: int) -> Hashable:
         """What decides which keys this layer's queries see; layers of one kind share a plan."""

@@ -4,8 +4,8 @@ Keys are rotated into the artifact's per-(layer, KV head) PCA basis before vLLM'
 alike in `forward`, so exact attention over the cache is unchanged. Prefill is exact; a decode whose context
 reaches `dense_len` scores every cached key on the first d rotated channels (read where the cache holds them),
 keeps the top `k_frac` with the sinks and the local window, and attends exactly to those, as longserve's engine
-does (`attention_backends.kernels.topk`). The artifact is longserve's (`longserve calibrate --backend loki`), found
-in longserve's cache by the model directory's fingerprint or given as `calibration`; the rotation changes what the
+does (`attention_backends.kernels.topk`). The artifact is longserve's (`longserve calibrate --backend loki`, see
+`RangeImpl.artifact`); the rotation changes what the
 cache holds, so every host sharing a prefix cache or KV transfers must run the same artifact.
 """
 
@@ -13,19 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from vllm.config import get_current_vllm_config
 
-from attention_backends.calibration import (
-    CalibrationError,
-    artifact_path,
-    calibrate_command,
-    fingerprint,
-    load_artifact,
-)
 from attention_backends.kernels.paged import cdiv, take_blocks
 from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
 from attention_backends.kernels.slots import slot_attention
@@ -52,25 +44,12 @@ class LokiImpl(RangeImpl):
             raise LongserveConfigError('LONGSERVE_LOKI runs prefill exactly; "prefill": "topk" is longserve\'s own')
         if self.own_window is not None:
             raise LongserveConfigError("LONGSERVE_LOKI does not serve models with sliding-window layers")
-        model_config = get_current_vllm_config().model_config
-        model_dir = Path(model_config.model)
-        if not (model_dir / "config.json").is_file():
-            raise LongserveConfigError(f"LONGSERVE_LOKI needs a local model directory (its artifact is keyed by the "
-                                       f"weights), got {str(model_dir)!r}")
-        weights = fingerprint(model_dir)
-        path = Path(p.calibration) if p.calibration else artifact_path("loki", weights, p)
-        if not path.exists():
-            raise LongserveConfigError(f"no Loki calibration artifact at {path}; make it with: "
-                                       f"{calibrate_command('loki', str(model_dir), p, p.calibration)}")
-        try:
-            comps = load_artifact(path, "loki", weights, p, str(model_dir))["components"]
-        except CalibrationError as e:
-            raise LongserveConfigError(str(e)) from None
+        comps = self.artifact("LONGSERVE_LOKI")["components"]
         want = (self.num_layers, self.num_kv_heads, self.head_size, self.head_size)
         if tuple(comps.shape) != want:  # tensor parallelism shards KV heads; the artifact holds them all
             raise LongserveConfigError(f"the Loki artifact's components are {tuple(comps.shape)}; this layer needs "
                                        f"{want} (LONGSERVE_LOKI runs without tensor parallelism)")
-        self.key_basis = comps.to(model_config.dtype)
+        self.key_basis = comps.to(get_current_vllm_config().model_config.dtype)
         self.query_basis = self.key_basis.repeat_interleave(self.num_heads // self.num_kv_heads, 1)
         self.rank = p.rank(self.head_size)
 

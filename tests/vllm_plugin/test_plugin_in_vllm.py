@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
 
-from attention_backends.calibration import calibrate  # noqa: E402
+from attention_backends.calibration import calibrate, fingerprint, load_artifact, save_artifact  # noqa: E402
 from attention_backends.registry import validate_params  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -160,6 +161,38 @@ def test_star_gives_longserves_own_tokens_with_chunked_prefill(tiny, prompts, st
     assert got != stock
 
 
+TCA_SPARSE = {"tolerance": 0.5, "local_blocks": 1, "dense_len": 64}
+
+
+@pytest.fixture(scope="module")
+def tca_artifact(tiny, tmp_path_factory) -> str:
+    """The tiny model's TCA artifact on vLLM's 32-token blocks, made by longserve's calibration."""
+    engine = longserve_engine(tiny, 32)
+    path = tmp_path_factory.mktemp("tca") / "tca.safetensors"
+    params = validate_params("tca", TCA_SPARSE)
+    calibrate(engine.calibration, engine.backend("tca"), params, max_tokens=1000, output=path, progress=False)
+    return str(path)
+
+
+def test_tca_with_every_budget_full_gives_stock_vllms_tokens(tiny, prompts, stock, tca_artifact, tmp_path):
+    # Thresholds above every redundancy: each block keeps all 32 tokens in every head.
+    params = validate_params("tca", TCA_SPARSE)
+    tensors = load_artifact(Path(tca_artifact), "tca", fingerprint(tiny.path), params, None)
+    full = tmp_path / "full.safetensors"
+    save_artifact(full, {"thresholds": torch.full_like(tensors["thresholds"], float("inf"))}, "tca",
+                  fingerprint(tiny.path), params, "", 0)
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_TCA", {**TCA_SPARSE, "calibration": str(full)},
+                      enable_prefix_caching=False)
+    assert got == stock
+
+
+def test_tca_gives_longserves_own_tokens(tiny, prompts, stock, tca_artifact):
+    params = {**TCA_SPARSE, "calibration": tca_artifact}
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_TCA", params, enable_prefix_caching=False)  # chunked alike
+    assert got == longserve_greedy(tiny, prompts, "tca", page=32, **params)
+    assert got != stock
+
+
 def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
     want = vllm_greedy(tiny, prompts[:1], "LONGSERVE_SWAA", WINDOWED)
     with vllm_engine(tiny, "LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}) as llm:
@@ -184,10 +217,11 @@ def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):
     ("LONGSERVE_SWAA", {"window": 64, "full_attention_layers": [5]}, "names layers past the model's 2"),
     ("LONGSERVE_SWAA", {"window": 64, "release_kv": True}, "release_kv needs windowed decode"),
     ("LONGSERVE_LOKI", {"calibration": "/nonexistent/loki.safetensors"},
-     "no Loki calibration artifact at .*make it with: longserve calibrate --backend loki"),
+     "no LONGSERVE_LOKI calibration artifact at .*make it with: longserve calibrate --backend loki"),
     ("LONGSERVE_LOKI", {"prefill": "topk"}, "runs prefill exactly"),
     ("LONGSERVE_INFLLM_V2", {"kernel_size": 32, "kernel_stride": 16}, "multiples of the KV cache block size"),
     ("LONGSERVE_STAR", {}, "serve with --no-enable-prefix-caching"),
+    ("LONGSERVE_TCA", {"calibration": "/nonexistent/tca.safetensors"}, "serve with --no-enable-prefix-caching"),
 ])
 def test_a_bad_config_fails_start_up_with_its_message(tiny, backend, longserve, says):
     with pytest.raises(LongserveConfigError, match=says), vllm_engine(tiny, backend, longserve):
