@@ -1,7 +1,9 @@
-"""The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here): LONGSERVE_DENSE, SWAA with
-a window covering every prompt and Loki keeping every key give stock vLLM's greedy tokens; SWAA with real windows and
-Loki keeping a quarter give longserve's own engine's tokens on the same model, prompts and artifact; `release_kv`
-hands blocks back while the request runs and changes no token; a bad config fails start-up with its message."""
+"""The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here). At its dense limit each
+backend gives stock vLLM's greedy tokens: LONGSERVE_DENSE, SWAA with a window over every prompt, Loki keeping every
+key, InfLLM-V2 under its switch, Star with one context block, TCA with every budget full. In a sparse setting each
+gives longserve's own engine's tokens on the same model, prompts, params and artifact (InfLLM-V2 through prefix hits
+and reused blocks, Star through chunked prefill); `release_kv` hands blocks back while the request runs and changes
+no token; a bad config fails start-up with its message."""
 
 from __future__ import annotations
 
