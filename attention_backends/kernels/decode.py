@@ -4,8 +4,9 @@ Row b sees the keys at positions `[0, sinks_b) ∪ [lo_b, L_b)` of its sequence,
 every key without a window (dense), SWAA's windowed decode with sink tokens, a model's own sliding window.
 The plan is built once per step, for every layer, in the form the op that will run reads: for the reference,
 only the blocks holding visible keys and a visible mask, so a windowed row reads O(sinks + window) keys however
-long its sequence is; for the Triton kernel (`triton_decode.py`), the whole tables and the three ranges, int32 on
-the cache's device.
+long its sequence is; for the Triton kernel (`triton_decode.py`) and the C++ CPU kernel (`csrc/paged_decode.cpp`,
+which reads K/V where they lie, no copy of the context), the whole tables and the three ranges, int32 on the
+cache's device.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_backends.kernels.dispatch import check_ids, use_triton
+from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.paged import sdpa, take_blocks
 
 
 @dataclass(frozen=True, slots=True)
 class DecodePlan:
     """Reference form: block tables `[B, N]` of the visible keys' blocks and which of their `N * block_size` keys each
-    row sees (None: all). Triton form: `ranges` `[3, B]` (lengths, sinks, window starts) over whole tables."""
+    row sees (None: all). Kernel form (`kernel` "triton" or "cpp"): `ranges` `[3, B]` (lengths, sinks, window
+    starts) over whole tables."""
 
     block_tables: torch.Tensor
     visible: torch.Tensor | None = None
     ranges: torch.Tensor | None = None
     max_keys: int = 0  # the most keys a row sees (Triton: how finely to split)
+    kernel: str = "torch"
 
 
 def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], block_size: int,
@@ -44,11 +47,12 @@ def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], b
     full = torch.zeros(len(lens), int(last.max()), dtype=torch.long)
     for i, (table, n) in enumerate(zip(block_tables, last.tolist())):
         full[i, :n] = table[:n]
-    if use_triton(device):
+    kernel = "triton" if use_triton(device) else "cpp" if use_cpp(device) else None
+    if kernel is not None:
         if num_blocks is not None:
             check_ids(full, num_blocks, "block ids")
         return DecodePlan(full.to(device, torch.int32), ranges=torch.stack([lens, sink, lo]).to(device, torch.int32),
-                          max_keys=int((sink + lens - lo).max()))
+                          max_keys=int((sink + lens - lo).max()), kernel=kernel)
     # Row b reads its sink blocks [0, head_b), then its blocks [first_b, last_b).
     head = (sink + bs - 1) // bs
     first = torch.maximum(head, lo // bs)
@@ -66,7 +70,11 @@ def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], b
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, scale: float
                  ) -> torch.Tensor:
     """q `[B, H_q, D]`, one query per row, over the keys its plan shows -> `[B, H_q, D]`."""
-    if plan.ranges is not None:
+    if plan.kernel == "cpp":
+        from attention_backends.kernels import cpu_ext
+
+        return cpu_ext.load().paged_decode(q.contiguous(), k_cache, v_cache, plan.block_tables, plan.ranges, scale)
+    if plan.kernel == "triton":
         from attention_backends.kernels import triton_decode
 
         return triton_decode.paged_decode(q, k_cache, v_cache, plan.block_tables, plan.ranges, plan.max_keys, scale)
