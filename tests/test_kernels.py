@@ -20,22 +20,22 @@ BS, HQ, HKV, D, NB = 16, 6, 2, 16, 48
 SCALE = D**-0.5
 
 
-def caches(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def caches(layout: str, d: int = D) -> tuple[torch.Tensor, torch.Tensor]:
     if layout == "contiguous":
-        return torch.zeros(NB, BS, HKV, D), torch.zeros(NB, BS, HKV, D)
-    cells = torch.zeros(NB, HKV, BS, 2 * D)  # vLLM's per-layer page: K and V in one cell per (head, token)
-    return cache_views(cells, D, "vec" if layout == "vllm-cpu" else None)
+        return torch.zeros(NB, BS, HKV, d), torch.zeros(NB, BS, HKV, d)
+    cells = torch.zeros(NB, HKV, BS, 2 * d)  # vLLM's per-layer page: K and V in one cell per (head, token)
+    return cache_views(cells, d, "vec" if layout == "vllm-cpu" else None)
 
 
-def filled(layout: str, lengths: list[int], seed: int = 0):
+def filled(layout: str, lengths: list[int], seed: int = 0, d: int = D):
     """Caches holding sequences of these lengths in shuffled blocks (never the null block 0), and their raw K/V."""
     g = torch.Generator().manual_seed(seed)
-    kc, vc = caches(layout)
+    kc, vc = caches(layout, d)
     free = (torch.randperm(NB - 1, generator=g) + 1).tolist()
     seqs = []
     for n in lengths:
         table = torch.tensor([free.pop() for _ in range(-(-n // BS))])
-        k, v = torch.randn(HKV, n, D, generator=g), torch.randn(HKV, n, D, generator=g)
+        k, v = torch.randn(HKV, n, d, generator=g), torch.randn(HKV, n, d, generator=g)
         write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, BS))
         seqs.append((table, k, v))
     return kc, vc, seqs
@@ -87,6 +87,26 @@ def test_cpp_decode_in_half_precision_matches_the_reference(monkeypatch, dtype):
         outs[kernels] = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, BS, [2, 2], [None, 64]),
                                      SCALE)
     torch.testing.assert_close(outs["cpp"].float(), outs["torch"].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_decode_at_the_head_dims_it_compiles_for(monkeypatch, layout, d, dtype):
+    # 64 and 128 take the kernel's fixed-width loops (the other tests' head dim 16 takes the general ones).
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    lengths = [3, 600]
+    kc, vc, seqs = filled(layout, lengths, d=d)
+    q = torch.randn(len(lengths), HQ, d)
+    kc, vc, q = kc.to(dtype), vc.to(dtype), q.to(dtype)
+    got = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, BS, [0, 5], [None, 300]), d**-0.5)
+    for b, ((_, k, v), n) in enumerate(zip(seqs, lengths)):
+        kpos = torch.arange(n)
+        visible = (kpos >= max(0, n - 300)) | (kpos < 5) if b else kpos >= 0
+        want = masked_attention(q[b].float()[:, None], k.to(dtype).float(), v.to(dtype).float(), visible[None],
+                                d**-0.5)[:, 0]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+        torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
 
 
 def test_cpp_decode_refuses_a_table_past_the_cache(monkeypatch):
