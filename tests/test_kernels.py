@@ -125,6 +125,7 @@ PREFILL = {  # name: (cached tokens before the chunk, chunk, sinks, lo, window)
     "window-shorter-than-a-block": (9, 50, 3, 0, 5),
     "sinks-overlap-window": (10, 60, 40, 0, 30),
     "anchor-and-own-block": (70, 25, 32, 64, None),
+    "band-from-lo-after-cache": (70, 25, 0, 40, None),
 }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_triton
+from attention_backends.kernels.merge import merge_attention_states
 from attention_backends.kernels.paged import gather_range, sdpa
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
@@ -32,7 +33,8 @@ class PrefillTile:
     w0: int
     w1: int
     mask: torch.Tensor | None  # additive (0 or -inf): SDPA would convert a bool mask on every call
-    causal: bool  # no mask: plain causal attention over the tile's keys, which start at its first query
+    causal: bool  # no mask: the tile's keys from `context` on are causal from its first query
+    context: int = 0  # (causal only) keys before those that every query of the tile sees
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ class PrefillPlan:
 
 def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> PrefillPlan:
+    if window is not None and window >= start + length:  # it covers every key: the same as none, planned as none
+        window = None
     band_lo = max(lo, start - window + 1, 0) if window is not None else lo
     sink_keys = min(sinks, band_lo)
     if use_triton(device):
@@ -67,8 +71,11 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
             w0 = int(torch.searchsorted(positions, max(start + q0 - window + 1, band_lo)))
         w1 = sink_keys + (start + q1 - band_lo)  # keys up to the tile's last query
         sink_end = min(int(torch.searchsorted(positions, sinks)), w0)
-        if sink_end == 0 and int(positions[w0]) == start + q0 and window is None:
-            tiles.append(PrefillTile(q0, q1, 0, w0, w1, None, True))
+        on_cpu = torch.device(device).type == "cpu"
+        if sink_end == 0 and window is None and (int(positions[w0]) == start + q0 or on_cpu):
+            # A chunk after cached context: the context unmasked, the chunk's own keys causal, merged by their
+            # log-sum-exps (CPU: the fused kernel returns them), so no mask is built or read.
+            tiles.append(PrefillTile(q0, q1, 0, w0, w1, None, True, start + q0 - int(positions[w0])))
             continue
         keys = torch.cat([positions[:sink_end], positions[w0:w1]])
         qpos = torch.arange(start + q0, start + q1).unsqueeze(1)
@@ -91,6 +98,10 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         prefill_into(out, q, None, None, k_cache, v_cache, batch, scale)
         return out
     end = plan.start + plan.length
+    if len(plan.tiles) == 1 and plan.tiles[0].context:  # read the context and the chunk apart: no concatenation
+        own = fresh if fresh is not None else gather_range(k_cache, v_cache, block_table, plan.start, end)
+        return _context_then_causal(q, gather_range(k_cache, v_cache, block_table, plan.band_lo, plan.start), own,
+                                   scale)
     parts = []
     if plan.sink_keys:
         parts.append(gather_range(k_cache, v_cache, block_table, 0, plan.sink_keys))
@@ -115,6 +126,28 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     for tile in plan.tiles:
         out[:, tile.q0 : tile.q1] = attend(tile)
     return out
+
+
+def _context_then_causal(q: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor],
+                         own: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """q `[H_q, T, D]` over `context` keys it all sees and then its own `T` keys, causally: two fused attentions,
+    merged exactly by their log-sum-exps."""
+    hq, t, d = q.shape
+    hkv = context[0].shape[0]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def dense_last(x: torch.Tensor) -> torch.Tensor:  # the fused kernel reads D contiguous
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    # Every query sees every context key, so each KV head's G query heads go as one longer query: no K/V copy.
+    ctx_out, ctx_lse = flash(q.reshape(1, hkv, -1, d), *(dense_last(x)[None] for x in context), 0.0, False,
+                             scale=scale)
+    # Causality holds per query head: the chunk's own (few) K/V repeated for the group.
+    own_out, own_lse = flash(q[None], *(dense_last(x).repeat_interleave(hq // hkv, 0)[None] for x in own), 0.0, True,
+                             scale=scale)
+    merged, _ = merge_attention_states(torch.stack([ctx_out.reshape(hq, t, d), own_out[0]]),
+                                       torch.stack([ctx_lse.reshape(hq, t), own_lse[0]]))
+    return merged.to(q.dtype)
 
 
 @dataclass(frozen=True, slots=True)
