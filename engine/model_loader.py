@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from attention_backends.calibration import cache_dir, fingerprint  # noqa: E402
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION  # noqa: E402
+from engine.packed_linear import pack_linear_layers  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +173,6 @@ def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig) ->
     return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def store_weights_transposed(model: torch.nn.Module) -> None:
-    """Linear weights kept `[in, out]` in memory (the same `[out, in]` tensors, other strides): a decode step
-    multiplies one row per sequence by every weight, and the CPU BLAS reads that layout ~25% faster (prefill's
-    large products are no slower). The values are unchanged; a tied embedding keeps working on the view."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.t().contiguous().t()
-
-
 def load_model(model: str | None, device: str = "cpu", progress: bool = True, dtype: str = "auto") -> LoadedModel:
     model_dir = resolve_model_dir(model, progress)
     config = AutoConfig.from_pretrained(model_dir)
@@ -191,6 +183,5 @@ def load_model(model: str | None, device: str = "cpu", progress: bool = True, dt
         model_dir, dtype=resolve_dtype(dtype, target, config), attn_implementation=ATTN_IMPLEMENTATION
     ).to(target)
     hf_model.eval()
-    if target.type == "cpu":
-        store_weights_transposed(hf_model)
+    pack_linear_layers(hf_model)
     return LoadedModel(hf_model, tokenizer, hf_model.config, model_dir, fingerprint(model_dir))
