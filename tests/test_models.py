@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import ModelLoadError, check_config, layer_windows, load_model
+from engine.packed_linear import PackedLinear, can_pack, pack_linear_layers
 from engine.sampling_params import SamplingParams
 from tests.conftest import natural_text
 
@@ -100,3 +101,23 @@ def test_configs_the_engine_cannot_run(extra, message):
 def test_max_model_len_must_fit_the_pool(loaded):
     with pytest.raises(ValueError, match="largest length that fits is 1584"):
         LLMEngine(EngineConfig(num_kv_blocks=100, max_model_len=4096), loaded=loaded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_nn_linear(dtype):
+    """oneDNN's packed weights give `nn.Linear`'s products to the dtype's rounding, any leading shape, with a bias."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=True, dtype=dtype)
+    model = torch.nn.Sequential(linear)
+    if not can_pack(model):
+        pytest.skip(f"torch here has no oneDNN {dtype} linear")
+    assert pack_linear_layers(model) == 1 and isinstance(model[0], PackedLinear)
+    for x in (torch.randn(1, 96), torch.randn(3, 7, 96), torch.randn(5, 192)[:, ::2]):
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x.to(dtype)), linear(x.to(dtype)))
+
+
+def test_loaded_cpu_model_runs_packed_linears(loaded):
+    layers = loaded.config.num_hidden_layers
+    assert sum(isinstance(m, PackedLinear) for m in loaded.model.modules()) == 7 * layers + 1  # and lm_head
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
