@@ -5,6 +5,11 @@ streamed), then handed to the loop thread, which alone touches the scheduler and
 stops iterating (a client that went away) aborts its requests, and their blocks are freed on the next turn.
 After every turn the loop publishes an `EngineStats` snapshot, so readers on other threads (metrics,
 admission control) never walk the scheduler's queues while it changes them.
+
+Given a factory instead of an engine, the loop thread also builds the engine (the server does this). torch's
+OpenMP (GNU libgomp) keeps a team of worker threads per thread that ever ran a parallel op; once a process has
+more of them than cores, libgomp stops spinning at its barriers and every op pays for waking its workers. A model
+loaded on the main thread and stepped on this one made two teams: decode steps took ~1.7x their time.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,17 +39,23 @@ class EngineStats:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+        """Runs `engine`, or the engine that `engine()` builds on the loop thread (its errors raise here)."""
         self._new: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         # request id -> (the caller's loop, its queue, the sequence's index in the caller's group)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._wake = threading.Event()
         self._stop = False
-        self.stats = self._snapshot()
-        self._thread = threading.Thread(target=self._loop, name="longserve-engine", daemon=True)
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(engine, ready, failed), name="longserve-engine",
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                        request_id: str | None = None, **backend: Any) -> AsyncIterator[RequestOutput]:
@@ -106,6 +117,18 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, (index, item))
         except RuntimeError:  # the caller's event loop is closed; nobody is listening any more
             self.engine.abort(request_id)
+
+    def _run(self, engine: LLMEngine | Callable[[], LLMEngine], ready: threading.Event,
+             failed: list[BaseException]) -> None:
+        try:
+            self.engine = engine if isinstance(engine, LLMEngine) else engine()
+            self.stats = self._snapshot()
+        except BaseException as exc:
+            failed.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop()
 
     def _loop(self) -> None:
         engine = self.engine

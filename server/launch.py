@@ -77,10 +77,14 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
     hooks, engine, server = [], None, None
     try:
         hooks = [hook for ext in config.extensions if (hook := ext.start(config.engine)) is not None]
-        llm = LLMEngine(config.engine, hooks=hooks)
-        for m in config.served_models:  # load calibration artifacts now; a refused one stops the start
-            llm.prepare_backend(m.attention_backend, m.attention_params, calibrate=False)
-        engine = AsyncEngine(llm)
+
+        def build() -> LLMEngine:
+            llm = LLMEngine(config.engine, hooks=hooks)
+            for m in config.served_models:  # load calibration artifacts now; a refused one stops the start
+                llm.prepare_backend(m.attention_backend, m.attention_params, calibrate=False)
+            return llm
+
+        engine = AsyncEngine(build)  # built on the thread that steps it (see AsyncEngine)
         app = build_app(engine, config)
         uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, http="h11",
                                    h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=1,

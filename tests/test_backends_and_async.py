@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -105,3 +106,31 @@ def test_async_engine_streams_and_aborts(make_engine):
         assert not engine.has_unfinished_requests() and engine.usage().used == 0
     finally:
         aengine.shutdown()
+
+
+def test_async_engine_builds_its_engine_on_the_loop_thread(make_engine):
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return make_engine()
+
+    aengine = AsyncEngine(build)
+    try:
+        assert built_on == [aengine._thread] and aengine.stats.usage.used == 0
+
+        async def first_text():
+            async for out in aengine.generate("The old lighthouse", GREEDY):
+                return out.new_text
+
+        assert asyncio.run(first_text())
+    finally:
+        aengine.shutdown()
+
+    def refuse():
+        raise ValueError("max_model_len 99999 does not fit")
+
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="does not fit"):  # a build error reaches the caller; no thread is left
+        AsyncEngine(refuse)
+    assert set(threading.enumerate()) <= before
