@@ -33,8 +33,7 @@ class PrefillTile:
     w0: int
     w1: int
     mask: torch.Tensor | None  # additive (0 or -inf): SDPA would convert a bool mask on every call
-    causal: bool  # no mask: the tile's keys from `context` on are causal from its first query
-    context: int = 0  # (causal only) keys before those that every query of the tile sees
+    causal: bool  # no mask: causal from the tile's first query (on the CPU, after cached context every query sees)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +62,7 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
         return PrefillPlan(start, length, sinks, lo, window, sink_keys, band_lo, ())
     positions = torch.cat([torch.arange(sink_keys), torch.arange(band_lo, start + length)])
     tile_rows = TILE if window is not None else length
+    on_cpu = torch.device(device).type == "cpu"
     tiles = []
     for q0 in range(0, length, tile_rows):
         q1 = min(length, q0 + tile_rows)
@@ -71,11 +71,10 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
             w0 = int(torch.searchsorted(positions, max(start + q0 - window + 1, band_lo)))
         w1 = sink_keys + (start + q1 - band_lo)  # keys up to the tile's last query
         sink_end = min(int(torch.searchsorted(positions, sinks)), w0)
-        on_cpu = torch.device(device).type == "cpu"
         if sink_end == 0 and window is None and (int(positions[w0]) == start + q0 or on_cpu):
             # A chunk after cached context: the context unmasked, the chunk's own keys causal, merged by their
             # log-sum-exps (CPU: the fused kernel returns them), so no mask is built or read.
-            tiles.append(PrefillTile(q0, q1, 0, w0, w1, None, True, start + q0 - int(positions[w0])))
+            tiles.append(PrefillTile(q0, q1, 0, w0, w1, None, True))
             continue
         keys = torch.cat([positions[:sink_end], positions[w0:w1]])
         qpos = torch.arange(start + q0, start + q1).unsqueeze(1)
@@ -98,7 +97,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         prefill_into(out, q, None, None, k_cache, v_cache, batch, scale)
         return out
     end = plan.start + plan.length
-    if len(plan.tiles) == 1 and plan.tiles[0].context:  # read the context and the chunk apart: no concatenation
+    if plan.tiles[0].causal and plan.band_lo < plan.start:  # context and chunk read apart: no concatenation
         own = fresh if fresh is not None else gather_range(k_cache, v_cache, block_table, plan.start, end)
         return _context_then_causal(q, gather_range(k_cache, v_cache, block_table, plan.band_lo, plan.start), own,
                                    scale)
