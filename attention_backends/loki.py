@@ -3,9 +3,10 @@
 Offline (`longserve calibrate --backend loki`): PCA of each layer's post-RoPE keys per KV head. Online, keys
 are stored rotated into that orthonormal basis, queries are rotated alike (so exact attention over rotated
 q and k equals attention over the originals), and each key's first d channels are also written to a side
-table so that scoring reads only them. A decode query scores every cached token on d channels, keeps the
-top `k_frac` of them (plus `sinks` and a `local_window`, never scored away) and attends exactly to those;
-a query whose context is shorter than `dense_len` keeps every token (the floor, `scorer.py`).
+table (each block's channels one after the other) so that scoring reads only them. A decode query scores every
+cached token on d channels, keeps the top `k_frac` of them (plus `sinks` and a `local_window`, never scored away)
+and attends exactly to those: one kernel-layer op per layer for the step's decodes (`lowrank_topk_decode`, C++ on
+the CPU). A query whose context is shorter than `dense_len` keeps every token (the floor, `scorer.py`).
 Selection is per KV group by default (the group's approximate scores summed: one gather serves its heads);
 `selection: head` is the paper's per-query-head rule. Prefill is dense unless `prefill: topk`, which applies
 the same per-row top-k to every prompt query, as the paper's accuracy runs did.
@@ -13,7 +14,7 @@ the same per-row top-k to every prompt query, as the paper's accuracy runs did.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -21,11 +22,10 @@ from pydantic import Field
 
 from attention_backends.calibration import CalibratedBackend, CalibratedParams
 from attention_backends.context import BackendBatch, SeqStep
-from attention_backends.kernels.paged import cdiv, take_blocks
-from attention_backends.kernels.topk import lowrank_scores
+from attention_backends.kernels.paged import cdiv, take_blocks, write_slots
+from attention_backends.kernels.topk import TopkDecodePlan, lowrank_scores, lowrank_topk_decode, topk_decode_plan
 from attention_backends.registry import register_backend
 from attention_backends.scorer import ScorerBackend, ScorerMeta, ScorerParams
-from kv_cache.paged_kv import SideTable
 
 
 class LokiParams(ScorerParams, CalibratedParams):
@@ -68,10 +68,21 @@ class PCACalibrator:
 
 
 @dataclass(frozen=True, slots=True)
+class LokiDecodes:
+    """Decoding rows past their floor that share a rank d and a kind of key set, in one fused decode per layer."""
+
+    rows: torch.Tensor  # [B] rows of the batch
+    rank: int
+    sets: int  # key sets: H_kv (group selection) or H_q
+    plan: TopkDecodePlan
+
+
+@dataclass(frozen=True, slots=True)
 class LokiMeta:
-    scorer: ScorerMeta
+    scorer: ScorerMeta  # exact rows and `prefill: topk` chunks (its decodes are in `decodes`)
     rotations: list[tuple[Basis, torch.Tensor | slice]]  # each artifact's basis and the batch rows it rotates
     lowrank: list[tuple[int, torch.Tensor | slice]]  # each rank d and the batch rows whose keys it keeps
+    decodes: list[LokiDecodes]
 
 
 @register_backend
@@ -91,9 +102,12 @@ class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
         group = self.spec.num_heads // self.spec.num_kv_heads
         return Basis(comps, comps.repeat_interleave(group, 1))
 
-    def lowrank(self, d: int) -> SideTable:
-        return self.kv.register_side_table(f"loki.keys.d{d}", (self.spec.block_size, self.spec.num_kv_heads, d),
-                                           self.kv.spec.dtype)
+    def lowrank(self, d: int, layer: int) -> torch.Tensor:
+        """The keys' first d rotated channels, `[num_blocks, block_size, H_kv, d]`: a side table that holds each
+        block's channels one after the other (positions contiguous), so scoring a block is d vector products."""
+        table = self.kv.register_side_table(f"loki.keys.d{d}", (self.spec.num_kv_heads, d, self.spec.block_size),
+                                            self.kv.spec.dtype)
+        return table.data[layer].permute(0, 3, 1, 2)
 
     def key_sets(self, params: LokiParams) -> int:
         return self.spec.num_kv_heads if params.selection == "group" else self.spec.num_heads
@@ -105,9 +119,17 @@ class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
             by_artifact.setdefault(self.artifact_key(s.params), []).append(s)
             by_rank.setdefault(s.params.rank(self.spec.head_dim), []).append(s)
         n, t = len(batch.seqs), batch.num_tokens
-        return LokiMeta(self.scorer_meta(batch),
+        scorer = self.scorer_meta(batch)
+        by_kind: dict[tuple[int, int], list[SeqStep]] = {}
+        for s in scorer.decodes:
+            by_kind.setdefault((s.params.rank(self.spec.head_dim), self.key_sets(s.params)), []).append(s)
+        decodes = [LokiDecodes(torch.tensor([s.query_start for s in seqs]), d, sets,
+                               topk_decode_plan([s.block_table for s in seqs], [s.context_len for s in seqs],
+                                                [s.params for s in seqs], self.kv.device, self.kv.num_blocks))
+                   for (d, sets), seqs in by_kind.items()]
+        return LokiMeta(replace(scorer, decodes=[]),
                         [(self.artifact(seqs[0].params), _rows(seqs, n, t)) for seqs in by_artifact.values()],
-                        [(d, _rows(seqs, n, t)) for d, seqs in by_rank.items()])
+                        [(d, _rows(seqs, n, t)) for d, seqs in by_rank.items()], decodes)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[LokiMeta],
                 scale: float) -> torch.Tensor:
@@ -117,18 +139,21 @@ class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
             kr[:, rows] = k[:, rows] @ basis.keys[layer].transpose(1, 2)
             qr[:, rows] = q[:, rows] @ basis.queries[layer].transpose(1, 2)
         self.store_kv(layer, kr, v, batch.slot_mapping)
-        hkv = self.spec.num_kv_heads
         for d, rows in meta.lowrank:
-            slots = batch.slot_mapping[rows].to(self.kv.device)
-            self.lowrank(d).data[layer].view(-1, hkv, d)[slots] = kr[:, rows, :d].transpose(0, 1)
-        return self.attend(layer, qr, kr, v, meta.scorer, scale)
+            write_slots(self.lowrank(d, layer), kr[:, rows, :d].transpose(0, 1), batch.slot_mapping[rows])
+        out = self.attend(layer, qr, kr, v, meta.scorer, scale)
+        for dec in meta.decodes:
+            q_rows = qr[:, dec.rows].transpose(0, 1)
+            out[:, dec.rows] = lowrank_topk_decode(q_rows, self.lowrank(dec.rank, layer), self.kv.k[layer],
+                                                   self.kv.v[layer], dec.plan, dec.sets, scale).transpose(0, 1)
+        return out
 
     def score(self, layer: int, q: torch.Tensor, seq: SeqStep[LokiParams, None], pos: int) -> torch.Tensor:
         """The rotated queries' dot products with the keys' first d rotated channels, summed over a KV group's heads
         for group selection."""
         p, bs, length = seq.params, self.spec.block_size, pos + q.shape[1]
         table = seq.block_table[: cdiv(length, bs)].to(self.kv.device)
-        low = take_blocks(self.lowrank(p.rank(self.spec.head_dim)).data[layer], table).flatten(0, 1)[:length]
+        low = take_blocks(self.lowrank(p.rank(self.spec.head_dim), layer), table).flatten(0, 1)[:length]
         return lowrank_scores(q, low, per_group=p.selection == "group")
 
 

@@ -29,7 +29,7 @@ from attention_backends.context import BackendBatch, MetaT, Phase, SeqStep
 from attention_backends.dense import DenseMeta, attend_exact, dense_meta
 from attention_backends.kernels.paged import cdiv
 from attention_backends.kernels.slots import slot_attention
-from attention_backends.kernels.topk import keep_top
+from attention_backends.kernels.topk import keep_top, scored_budget
 
 TILE_ELEMS = 1 << 23  # gathered K elements per tile of prefill rows in `prefill: topk`
 
@@ -103,9 +103,9 @@ class ScorerBackend(AttentionBackend[MetaT]):
         """Rows `start..start+n` of the batch (positions `pos..pos+n`): each row's top keys of its own context."""
         p, bs, length = seq.params, self.spec.block_size, pos + n
         rows = q[:, start : start + n]
+        budget = scored_budget(torch.arange(pos + 1, length + 1).unsqueeze(1), p.k_frac, p.min_keep, p.dense_len)
         indices, visible = keep_top(self.score(layer, rows, seq, pos), pos, sinks=p.sinks,
-                                    local_window=p.local_window, k_frac=p.k_frac, min_keep=p.min_keep,
-                                    dense_len=p.dense_len)
+                                    local_window=p.local_window, budget=budget)
         table = seq.block_table[: cdiv(length, bs)].to(indices.device)
         slots = table[indices // bs] * bs + indices % bs
         out[:, start : start + n] = slot_attention(rows, self.kv.k[layer], self.kv.v[layer], slots, visible, scale)

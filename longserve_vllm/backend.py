@@ -62,6 +62,7 @@ class RangeImpl(PlatformImpl):
         self.num_layers = config.model_config.get_total_num_hidden_layers()
         self.check_params()
         self._layers: dict[str, tuple[int, Hashable]] = {}
+        self._caches: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def check_params(self) -> None:
         """Raise LongserveConfigError for params that do not fit the model."""
@@ -100,6 +101,19 @@ class RangeImpl(PlatformImpl):
         """`out` `[H_q, T, D]` from queries `q` and fresh `k`/`v` `[H_kv, T, D]` (None: read from the cache)."""
         attend_ranges(out, q, k, v, k_cache, v_cache, work, self.scale)
 
+    def cache_packing(self, layer: torch.nn.Module) -> str | None:
+        """How the layer's cache is laid out (`cache_views`): as vLLM's writer packs it, unless the impl writes it."""
+        return layer.isa if ON_CPU else None
+
+    def cache(self, layer: torch.nn.Module, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V views (`cache_views`), made once per cache tensor: a handful of view ops per layer and
+        step otherwise."""
+        held = self._caches.get(layer.layer_name)
+        if held is None or held[0] is not kv_cache:
+            held = self._caches[layer.layer_name] = kv_cache, cache_views(kv_cache, self.head_size,
+                                                                          self.cache_packing(layer))
+        return held[1]
+
     def layer(self, layer_name: str) -> tuple[int, Hashable]:
         """The layer's index and kind, parsed from its name once."""
         if layer_name not in self._layers:
@@ -116,13 +130,11 @@ class RangeImpl(PlatformImpl):
         if attn_metadata is None:  # profiling run
             return output
         n = attn_metadata.num_actual_tokens
-        k_cache, v_cache = cache_views(kv_cache, self.head_size, layer.isa if ON_CPU else None)
         q = query[:n].transpose(0, 1)
         fresh = (key[:n].transpose(0, 1), value[:n].transpose(0, 1)) if key is not None else (None, None)
-        out = torch.empty_like(q)
+        out = output.view(-1, self.num_heads, self.head_size)[:n].transpose(0, 1)  # written in place, head-major
         index, kind = self.layer(layer.layer_name)
-        self.attend(index, out, q, *fresh, k_cache, v_cache, attn_metadata.work[kind])
-        output.view(-1, self.num_heads, self.head_size)[:n] = out.transpose(0, 1)
+        self.attend(index, out, q, *fresh, *self.cache(layer, kv_cache), attn_metadata.work[kind])
         return output
 
 

@@ -28,9 +28,7 @@ from attention_backends.kernels.block_sparse import SparseRow, attend_block_spar
 from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
 from longserve_vllm.backend import LongserveBackend, RangeImpl
 from longserve_vllm.config import LongserveConfigError
-from longserve_vllm.layout import cache_views
 from longserve_vllm.metadata import StepRow
-from longserve_vllm.platform_backend import ON_CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +67,7 @@ class InfLLMV2Impl(RangeImpl):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        k_cache = cache_views(kv_cache, self.head_size, layer.isa if ON_CPU else None)[0]
+        k_cache = self.cache(layer, kv_cache)[0]
         num_blocks, bs = k_cache.shape[:2]
         index = self.layer(layer.layer_name)[0]
         if index not in self.means:

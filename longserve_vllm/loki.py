@@ -1,12 +1,14 @@
 """LONGSERVE_LOKI: Loki's low-rank key scoring, with longserve's `loki` params and calibration artifact.
 
-Keys are rotated into the artifact's per-(layer, KV head) PCA basis before vLLM's writer stores them, and queries
-alike in `forward`, so exact attention over the cache is unchanged. Prefill is exact; a decode whose context
-reaches `dense_len` scores every cached key on the first d rotated channels (read where the cache holds them),
-keeps the top `k_frac` with the sinks and the local window, and attends exactly to those, as longserve's engine
-does (`attention_backends.kernels.topk`). The artifact is longserve's (`longserve calibrate --backend loki`, see
-`RangeImpl.artifact`); the rotation changes what the
-cache holds, so every host sharing a prefix cache or KV transfers must run the same artifact.
+Keys are rotated into the artifact's per-(layer, KV head) PCA basis as they are stored, and queries alike in
+`forward`, so exact attention over the cache is unchanged. On the CPU the impl stores its pages itself, keys row by
+row like the values (vLLM's writer would store them transposed, and a decode reads a quarter of them, scattered);
+on CUDA vLLM's writer stores them. Prefill is exact; a decode whose context reaches `dense_len` scores every cached
+key on the first d rotated channels (read where the cache holds them), keeps the top `k_frac` with the sinks and the
+local window, and attends exactly to those, in the same kernel-layer op as longserve's engine
+(`attention_backends.kernels.topk.lowrank_topk_decode`). The artifact is longserve's (`longserve calibrate --backend
+loki`, see `RangeImpl.artifact`); the rotation changes what the cache holds, so every host sharing a prefix cache or
+KV transfers must run the same artifact.
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ from typing import Any
 import torch
 from vllm.config import get_current_vllm_config
 
-from attention_backends.kernels.paged import cdiv, take_blocks
+from attention_backends.kernels.paged import write_kv
 from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
-from attention_backends.kernels.slots import slot_attention
-from attention_backends.kernels.topk import keep_top, lowrank_scores
+from attention_backends.kernels.topk import TopkDecodePlan, lowrank_topk_decode, topk_decode_plan
 from attention_backends.loki import LokiParams
 from longserve_vllm.backend import LongserveBackend, RangeImpl
 from longserve_vllm.config import LongserveConfigError
+from longserve_vllm.layout import ROWS
 from longserve_vllm.metadata import StepRow
+from longserve_vllm.platform_backend import ON_CPU
 
 
 @dataclass(frozen=True, slots=True)
 class LokiWork:
     exact: RangeWork  # prefill chunks, and decodes under the dense floor
-    topk: tuple[StepRow, ...]  # decodes that keep their top keys
+    topk_rows: torch.Tensor | slice  # rows of decodes that keep their top keys (a slice: every row of the step)
+    topk: TopkDecodePlan | None
 
 
 class LokiImpl(RangeImpl):
@@ -49,40 +53,50 @@ class LokiImpl(RangeImpl):
         if tuple(comps.shape) != want:  # tensor parallelism shards KV heads; the artifact holds them all
             raise LongserveConfigError(f"the Loki artifact's components are {tuple(comps.shape)}; this layer needs "
                                        f"{want} (LONGSERVE_LOKI runs without tensor parallelism)")
-        self.key_basis = comps.to(get_current_vllm_config().model_config.dtype)
-        self.query_basis = self.key_basis.repeat_interleave(self.num_heads // self.num_kv_heads, 1)
+        # Per layer, what rotates `[H, T, D]` rows by one batched product: each head's basis, transposed.
+        basis = comps.to(get_current_vllm_config().model_config.dtype).transpose(-1, -2).contiguous()
+        self.key_rotation = list(basis)
+        self.query_rotation = list(basis.repeat_interleave(self.num_heads // self.num_kv_heads, 1))
         self.rank = p.rank(self.head_size)
+        self.sets = self.num_kv_heads if p.selection == "group" else self.num_heads  # key sets a decode keeps
 
     def plan(self, kind: Hashable, rows: list[StepRow], geometry: dict[str, Any]) -> LokiWork:
         def scored(r: StepRow) -> bool:  # a decode at or past the floor; a step under it is dense's own
             return r.length == 1 and not r.prefilling and r.start + 1 >= self.params.dense_len
 
         exact = [RangeRow(r.row, r.block_table, r.start, r.length) for r in rows if not scored(r)]
-        return LokiWork(range_work(exact, **geometry), tuple(r for r in rows if scored(r)))
+        topk = [r for r in rows if scored(r)]
+        plan = topk_decode_plan([r.block_table for r in topk], [r.start + 1 for r in topk], [self.params] * len(topk),
+                                geometry["device"]) if topk else None
+        rows = [r.row for r in topk]
+        every = rows == list(range(len(rows))) and not exact
+        return LokiWork(range_work(exact, **geometry), slice(0, len(rows)) if every else torch.tensor(rows), plan)
+
+    def cache_packing(self, layer: torch.nn.Module) -> str | None:
+        # On the CPU, keys row by row: a decode reads a quarter of its keys whole, scattered, which vLLM's transposed
+        # keys would make a read of every key of their blocks.
+        return ROWS if ON_CPU else None
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        basis = self.key_basis[self.layer(layer.layer_name)[0]]
-        rotated = (key.transpose(0, 1) @ basis.transpose(1, 2)).transpose(0, 1).contiguous()
-        super().do_kv_cache_update(layer, rotated, value, kv_cache, slot_mapping)
+        rotated = torch.bmm(key.transpose(0, 1), self.key_rotation[self.layer(layer.layer_name)[0]]).transpose(0, 1)
+        if not ON_CPU:
+            super().do_kv_cache_update(layer, rotated.contiguous(), value, kv_cache, slot_mapping)
+            return
+        n = slot_mapping.shape[0]
+        write_kv(*self.cache(layer, kv_cache), rotated[:n], value[:n], slot_mapping)
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: LokiWork) -> None:
-        qr = q @ self.query_basis[layer_index].transpose(1, 2)
-        kr = None if k is None else k @ self.key_basis[layer_index].transpose(1, 2)
+        qr = torch.bmm(q, self.query_rotation[layer_index])
+        # Fresh keys only spare prefill chunks a read of the cache.
+        kr = None if k is None or not work.exact.prefill.chunks else torch.bmm(k, self.key_rotation[layer_index])
         attend_ranges(out, qr, kr, v, k_cache, v_cache, work.exact, self.scale)
-        p, bs = self.params, k_cache.shape[1]
-        for r in work.topk:
-            length = r.start + 1
-            table = r.block_table[: cdiv(length, bs)].to(k_cache.device)
-            # Only the first d channels are read: on the CPU cache they are d whole rows of each block's keys.
-            low = take_blocks(k_cache[..., : self.rank], table).flatten(0, 1)[:length]  # [L, H_kv, d]
-            rows = qr[:, r.row : r.row + 1]
-            indices, visible = keep_top(lowrank_scores(rows, low, per_group=p.selection == "group"), r.start,
-                                        sinks=p.sinks, local_window=p.local_window, k_frac=p.k_frac,
-                                        min_keep=p.min_keep, dense_len=p.dense_len)
-            slots = table[indices // bs] * bs + indices % bs
-            out[:, r.row : r.row + 1] = slot_attention(rows, k_cache, v_cache, slots, visible, self.scale)
+        if work.topk is not None:
+            rows = work.topk_rows
+            # Only the first d channels are scored, read where the cache holds them.
+            out[:, rows] = lowrank_topk_decode(qr[:, rows].transpose(0, 1), k_cache[..., : self.rank], k_cache,
+                                               v_cache, work.topk, self.sets, self.scale).transpose(0, 1)
 
 
 class LokiBackend(LongserveBackend):

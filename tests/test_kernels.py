@@ -14,6 +14,7 @@ from attention_backends.kernels.paged import context_slots, gather_head_slots, g
 from attention_backends.kernels.prefill import paged_prefill, prefill_plan
 from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
 from attention_backends.kernels.slots import slot_attention
+from attention_backends.kernels.topk import lowrank_topk_decode, topk_decode_plan
 from longserve_vllm.layout import cache_views
 
 BS, HQ, HKV, D, NB = 16, 6, 2, 16, 48
@@ -54,6 +55,23 @@ def test_reads_see_what_was_written(layout):
     assert torch.equal(sk, torch.stack([k[h, slots[h]] for h in range(HKV)]))
     assert torch.equal(sv, torch.stack([v[h, slots[h]] for h in range(HKV)]))
     assert torch.equal(take_blocks(kc, table[1:3]).flatten(0, 1).transpose(0, 1), k[:, BS : 3 * BS])
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(monkeypatch, kernels, layout):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    kc, vc = caches(layout)
+    k, v = torch.randn(2, 5, HKV, D).unbind(0)
+    slots = torch.tensor([3, 40, -1, 17, NB * BS - 1])  # -1: vLLM's padding, stored nowhere
+    write_kv(kc, vc, k, v, slots)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(kc[slot // BS, slot % BS], k[t]) and torch.equal(vc[slot // BS, slot % BS], v[t])
+    assert int((kc != 0).any(-1).sum()) == 4 * HKV  # nothing else written
+    if kernels == "cpp":
+        with pytest.raises(RuntimeError, match="past the cache"):
+            write_kv(kc, vc, k, v, torch.tensor([0, 1, 2, 3, NB * BS]))
 
 
 @pytest.mark.parametrize("kernels", ["torch", "cpp"])
@@ -187,3 +205,42 @@ def test_range_work_batches_chunks_and_decodes_of_any_visibility(layout):
         visible = (kpos <= qpos) & ((kpos < sinks) | ((qpos - kpos < window) if window else True))
         torch.testing.assert_close(out[:, r0 : r0 + t], masked_attention(q[:, r0 : r0 + t], k, v, visible, SCALE),
                                    atol=1e-5, rtol=1e-5)
+
+
+class Rule:  # a request's keep rule, as ScorerParams gives it
+    def __init__(self, sinks: int, local_window: int, k_frac: float, min_keep: int, dense_len: int) -> None:
+        self.sinks, self.local_window, self.k_frac, self.min_keep, self.dense_len = (sinks, local_window, k_frac,
+                                                                                     min_keep, dense_len)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("sets", [HKV, HQ], ids=["per-kv-head", "per-query-head"])
+def test_lowrank_topk_decode_keeps_each_sets_best_keys(monkeypatch, kernels, layout, sets):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    d = 4
+    lengths = [530, 90, 40, 60]  # 530: two pieces of work; 40: under its floor; 60: no scored keys kept
+    rules = [Rule(8, 32, 0.25, 16, 64), Rule(0, 0, 0.1, 20, 64), Rule(4, 4, 0.5, 1, 64), Rule(2, 3, 0.0, 0, 0)]
+    kc, vc, seqs = filled(layout, lengths)
+    # longserve keeps the low-rank keys in a table of their own, positions contiguous; vLLM's cache holds them as its
+    # keys' first channels
+    low = kc[..., :d].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if layout == "contiguous" else kc[..., :d]
+    q = torch.randn(len(lengths), HQ, D, generator=torch.Generator().manual_seed(3))
+    plan = topk_decode_plan([t for t, _, _ in seqs], lengths, rules, num_blocks=NB)
+    assert plan.kernel == kernels
+    got = lowrank_topk_decode(q, low, kc, vc, plan, sets, SCALE)
+    heads = HQ // sets
+    for b, ((_, k, v), n, r) in enumerate(zip(seqs, lengths, rules)):
+        kpos = torch.arange(n)
+        forced = (kpos < r.sinks) | (kpos >= n - r.local_window)
+        budget = n if n < r.dense_len else max(int(r.k_frac * n), r.min_keep)
+        mask = torch.zeros(HQ, 1, n, dtype=torch.bool)
+        for s in range(sets):
+            qs = q[b, s * heads : (s + 1) * heads, :d].sum(0)
+            approx = (k[s * heads // (HQ // HKV), :, :d] @ qs).masked_fill(forced, float("-inf"))
+            best = approx.topk(min(budget, int((~forced).sum()))).indices
+            mask[s * heads : (s + 1) * heads, 0, best] = True
+            mask[s * heads : (s + 1) * heads, 0, forced] = True
+        assert 0 < int(mask[0].sum()) <= n
+        want = masked_attention(q[b][:, None], k, v, mask, SCALE)[:, 0]
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,9 @@ this package imports the engine or `kv_cache`.
 - `decode.py`: one query per row over `[0, sinks) ∪ [lo, L)`.
 - `prefill.py`: a chunk of queries over sinks (or an anchor) and a causal band, optionally windowed.
 - `slots.py`: each query row over its own per-head slot list.
+- `topk.py`: which keys a scored row keeps, Loki's low-rank scores, and Loki's decode (score, keep, attend) as one op.
 - `block_sparse.py`: InfLLM-V2's compressed keys, block selection and block-sparse prefill and decode.
 - `merge.py`: attention over a shard of the keys with its log-sum-exp, and the exact merge of shards.
+- `csrc/` (built by `cpu_ext.py`): C++ CPU kernels for the hot ops (paged decode, Loki's decode, cache writes),
+  chosen over the reference by `dispatch.py`.
 """

@@ -19,8 +19,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_decode.cpp",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+
+def _digest() -> str:
+    # torch's loader rebuilds when a listed source changes, not a header: every file of csrc/ goes into the flags.
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()[:16]
 
 
 def _name() -> str:
@@ -34,8 +40,8 @@ def _name() -> str:
 def load() -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
 
-    return load_extension(_name(), [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                          verbose=bool(os.environ.get("LONGSERVE_VERBOSE_BUILD")))
+    return load_extension(_name(), [str(s) for s in SOURCES], extra_cflags=[*FLAGS, f"-DLONGSERVE_CSRC={_digest()}"],
+                          extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("LONGSERVE_VERBOSE_BUILD")))
 
 
 @cache

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attention_backends.kernels.dispatch import use_cpp
+
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
@@ -37,14 +39,25 @@ def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: i
     return position_slots(block_table, torch.arange(start, end), block_size)
 
 
+def write_slots(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new tokens' rows `x` `[T, H, C]` at `slot_mapping` `[T]` of `cache` `[num_blocks, block_size, H, C]`;
+    on the CPU, slots below 0 (vLLM's padding) are skipped. The CPU runs longserve's C++ op (one call, not four)."""
+    if use_cpp(cache.device):
+        from attention_backends.kernels import cpu_ext
+
+        cpu_ext.load().write_slots(cache, x, slot_mapping.long().contiguous())
+        return
+    slots = slot_mapping.to(cache.device)
+    if slots.device.type == "cpu" and bool((slots < 0).any()):  # no such check on a GPU: it would wait for it
+        x, slots = x[slots >= 0], slots[slots >= 0]
+    cache[slots // cache.shape[1], slots % cache.shape[1]] = x
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new tokens' K/V, `k`/`v` `[T, H_kv, D]`, at `slot_mapping` `[T]`."""
-    bs = k_cache.shape[1]
-    slots = slot_mapping.to(k_cache.device)
-    blocks, offsets = slots // bs, slots % bs
-    k_cache[blocks, offsets] = k
-    v_cache[blocks, offsets] = v
+    """Store new tokens' K/V, `k`/`v` `[T, H_kv, D]`, at `slot_mapping` `[T]` (see `write_slots`)."""
+    write_slots(k_cache, k, slot_mapping)
+    write_slots(v_cache, v, slot_mapping)
 
 
 def gather_range(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int

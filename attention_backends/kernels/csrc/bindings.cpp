@@ -1,0 +1,10 @@
+// The Python module of longserve's CPU kernels (loaded by cpu_ext.py).
+
+#include "cpu_attention.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
+  m.def("paged_decode", &longserve::paged_decode, "paged decode over sinks and a band, read in place");
+  m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,
+        "decode over each key set's top keys by low-rank scores, read in place");
+}

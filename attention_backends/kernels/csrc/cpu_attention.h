@@ -1,0 +1,218 @@
+// What longserve's CPU attention kernels share: reading a paged cache of any strides, dot products and
+// exponentials in forms the compiler vectorizes, and the exact merge of partial softmax states.
+//
+// A cache is a `[num_blocks, block_size, H_kv, D]` tensor of any strides: longserve's own (D contiguous) or
+// vLLM's CPU cache, whose keys are stored transposed per block (positions contiguous). Work is split into
+// pieces of at most kSpan keys; each piece keeps, per query head, its running max, its sum of exponentials and
+// its weighted sum of values, which `merge_pieces` combines exactly.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace longserve {
+
+constexpr int64_t kSpan = 512;  // keys per piece of work: enough to amortise the merge, small enough to split 8k
+constexpr int64_t kMaxDim = 256;
+
+struct Strides {
+  int64_t block, pos, head, dim;
+  explicit Strides(const torch::Tensor& cache)
+      : block(cache.stride(0)), pos(cache.stride(1)), head(cache.stride(2)), dim(cache.stride(3)) {}
+};
+
+template <typename T>
+inline float as_float(T x) {
+  return static_cast<float>(x);
+}
+
+// exp(x) for x <= 0 to about one ulp (Cephes' expf), in a form loops over it vectorize (std::exp does not):
+// 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, n found by adding 1.5 * 2^23 (the sum's low bits are
+// n). Below -87 the result (< 2^-125) is kept normal: against a row's sum of exponentials (>= 1) it is nothing.
+inline float exp_nonpositive(float x) {
+  constexpr float kRound = 12582912.0f;
+  x = x < -87.0f ? -87.0f : x;
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // 0x4B400000: kRound's own bits
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// 16 floats as one value: the compiler maps it to the machine's vectors (one AVX-512 register, two AVX2, ...).
+using Lanes = float __attribute__((vector_size(64)));
+
+template <typename scalar_t>
+inline Lanes load_lanes(const scalar_t* p) {
+  Lanes v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = as_float(p[i]);
+  std::memcpy(&v, f, sizeof v);
+  return v;
+}
+
+inline float sum_lanes(Lanes v) {  // a halving tree of vector adds
+  const auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+// q . k over D channels (k's stride between channels is `dk`), 16 at a time when D is known when compiled, a
+// multiple of 16, and k's channels are contiguous.
+template <int64_t kD, typename scalar_t>
+inline float dot(const float* __restrict q, const scalar_t* __restrict k, int64_t D, int64_t dk = 1) {
+  if constexpr (kD > 0 && kD % 16 == 0) {
+    if (dk == 1) {
+      Lanes acc = {};
+      for (int64_t c = 0; c < kD; c += 16) acc += load_lanes(q + c) * load_lanes(k + c);
+      return sum_lanes(acc);
+    }
+  }
+  float acc = 0.f;
+  for (int64_t d = 0; d < D; ++d) acc += q[d] * as_float(k[d * dk]);
+  return acc;
+}
+
+// s[g * s_stride + t] = q_g . k_t for `run` consecutive positions of one block and one KV head, for G query
+// vectors of D channels each.
+template <int64_t kD, typename scalar_t>
+inline void score_run(const scalar_t* __restrict k, const Strides& ks, int64_t run, const float* __restrict qf,
+                      int64_t G, int64_t D, float* __restrict s, int64_t s_stride) {
+  if (ks.dim == 1) {  // a key's D channels contiguous: dot products along D
+    for (int64_t t = 0; t < run; ++t)
+      for (int64_t g = 0; g < G; ++g) s[g * s_stride + t] = dot<kD>(qf + g * D, k + t * ks.pos, D);
+  } else if (ks.pos == 1) {  // one channel of the block's keys contiguous: accumulate along positions
+    for (int64_t g = 0; g < G; ++g) std::fill(s + g * s_stride, s + g * s_stride + run, 0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* __restrict kd = k + d * ks.dim;
+      for (int64_t g = 0; g < G; ++g) {
+        const float qd = qf[g * D + d];
+        float* __restrict sg = s + g * s_stride;
+#pragma omp simd
+        for (int64_t t = 0; t < run; ++t) sg[t] += qd * as_float(kd[t]);
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < run; ++t)
+      for (int64_t g = 0; g < G; ++g) s[g * s_stride + t] = dot<0>(qf + g * D, k + t * ks.pos, D, ks.dim);
+  }
+}
+
+// acc[d] += w * v[d] for one value row.
+template <int64_t kD, typename scalar_t>
+inline void add_scaled(float* __restrict acc, float w, const scalar_t* __restrict v, int64_t D_, int64_t dv) {
+  const int64_t D = kD > 0 ? kD : D_;
+  if (dv == 1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * as_float(v[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * as_float(v[d * dv]);
+  }
+}
+
+// Softmax state of one query head over n scores, in place: s[t] becomes exp(s[t] - max); returns (max, sum).
+inline std::pair<float, float> exponentiate(float* __restrict s, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : top)
+  for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - top);
+    total += s[t];
+  }
+  return {top, total};
+}
+
+// Room for n elements of T, owned by the calling thread and kept from call to call: a step's buffers, made afresh,
+// would be zeroed and page-faulted in at every layer. Each use in a kernel names its own `kUse`: the thread that
+// calls a kernel also runs pieces of its parallel loops.
+template <typename T, int kUse>
+inline T* scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 2);
+}
+
+// One query head's output from the states of its pieces [first, last): the state of piece i sits at index
+// i * step (max and sum) and at (i * step) * D (weighted values).
+template <typename scalar_t>
+inline void merge_pieces(const float* mx, const float* sum, const float* acc, int64_t first, int64_t last,
+                         int64_t step, int64_t D, scalar_t* dst) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = first; i < last; ++i) top = std::max(top, mx[i * step]);
+  float total = 0.f;
+  float o[kMaxDim] = {};
+  for (int64_t i = first; i < last; ++i) {
+    const float w = std::exp(mx[i * step] - top);
+    total += sum[i * step] * w;
+    const float* ai = acc + i * step * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += ai[d] * w;
+  }
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] / total);
+}
+
+// Refuses rows whose lengths or block ids would read outside the cache: checked before the loops.
+inline void check_tables(const int32_t* lens, const int32_t* tables, int64_t B, int64_t width, int64_t bs,
+                         int64_t num_blocks) {
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] > 0, "row ", b, ": needs a positive length");
+    TORCH_CHECK((lens[b] + bs - 1) / bs <= width, "row ", b, ": its block table is shorter than its length");
+    for (int64_t j = 0; j < (lens[b] + bs - 1) / bs; ++j)
+      TORCH_CHECK(0 <= tables[b * width + j] && tables[b * width + j] < num_blocks, "row ", b,
+                  ": block id out of range");
+  }
+}
+
+inline void check_query_and_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                  const torch::Tensor& v_cache, const torch::Tensor& tables) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [B, H_q, D] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be [num_blocks, block_size, H_kv, D]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt32 && tables.is_contiguous() && tables.size(0) == q.size(0),
+              "block tables must be contiguous int32 [B, N]");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "the KV heads must divide the query heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(2) == v_cache.size(3) && q.size(2) <= kMaxDim,
+              "head dim must match the caches and be <= ", kMaxDim);
+}
+
+void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping);
+
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& tables, const torch::Tensor& ranges, double scale);
+
+torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
+                                  const torch::Tensor& v_cache, const torch::Tensor& tables,
+                                  const torch::Tensor& limits, int64_t sets, double scale);
+
+}  // namespace longserve

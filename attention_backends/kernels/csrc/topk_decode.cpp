@@ -1,0 +1,221 @@
+// Loki's decode on the CPU in one call per layer: score every cached key on its first d (rotated) channels, keep
+// each key set's top keys, attend exactly to those: the reference is `topk.py` (lowrank_scores, keep_top) and
+// `slots.py` (slot_attention), row by row.
+//
+// Row b has `len_b` keys; its first `sinks_b` and last `local_b` are always kept, and `budget_b` more of the
+// others, those that score highest (all of them when fewer remain). A key set is one KV head, whose G query
+// heads share what they keep and score with their queries summed (sets == H_kv), or one query head
+// (sets == H_q). Three passes, each split over the cores: scores over (row, span of keys), reading the d
+// channels of every KV head of a block at once; selection over (row, set), by the scores' top bits first
+// (a histogram) and then among the keys of the threshold's bucket only; exact attention over (row, set, span of
+// kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode.
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu_attention.h"
+
+namespace longserve {
+namespace {
+
+constexpr int64_t kAheadKeys = 8;  // kept keys whose rows are prefetched ahead of the one being read
+constexpr int kBucketBits = 11;
+
+// Scores as unsigned integers of the same order: a larger float gives a larger key.
+inline uint32_t order_key(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+// Writes to `out`, in ascending order, the row's forced keys (its first `sinks` and last `local`) and the `budget`
+// highest-scoring others, and returns how many; ties go to the earlier position. The others' scores are ranked by
+// their top bits first (a histogram); only the keys of the bucket the budget ends in are ranked in full.
+int64_t select(const float* scores, int64_t len, int64_t sinks, int64_t local, int64_t budget, int32_t* out) {
+  const int64_t lo = std::min(sinks, len), hi = std::max(lo, len - local);  // the scored keys: [lo, hi)
+  int64_t n = 0;
+  for (int64_t t = 0; t < lo; ++t) out[n++] = static_cast<int32_t>(t);
+  if (budget >= hi - lo) {
+    for (int64_t t = lo; t < hi; ++t) out[n++] = static_cast<int32_t>(t);
+  } else if (budget > 0) {
+    // Four histograms, summed after: consecutive keys in one bucket would otherwise wait on each other's count.
+    constexpr int kWays = 4, kShift = 32 - kBucketBits;
+    int32_t hist[kWays][1 << kBucketBits] = {};
+    uint32_t* keys = scratch<uint32_t, 0>(len);
+    for (int64_t t = lo; t < hi; ++t) {
+      keys[t] = order_key(scores[t]);
+      ++hist[t % kWays][keys[t] >> kShift];
+    }
+    int64_t above = 0;
+    uint32_t cut = (1 << kBucketBits) - 1;
+    auto count = [&](uint32_t bucket) { return hist[0][bucket] + hist[1][bucket] + hist[2][bucket] + hist[3][bucket]; };
+    while (above + count(cut) < budget) above += count(cut--);
+    thread_local std::vector<std::pair<uint32_t, int32_t>> tied;
+    tied.clear();
+    for (int64_t t = lo; t < hi; ++t)
+      if (keys[t] >> kShift == cut) tied.emplace_back(keys[t], static_cast<int32_t>(t));
+    // The last key taken, in the order (score descending, position ascending): everything before it is kept.
+    auto before = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+    std::nth_element(tied.begin(), tied.begin() + (budget - above - 1), tied.end(), before);
+    const auto [last_key, last_pos] = tied[budget - above - 1];
+    // A flag per key, then eight flags at a time: kept or not is random, which a branch per key would mispredict.
+    uint8_t* flags = scratch<uint8_t, 0>(hi - lo + 8);
+    std::fill(flags + (hi - lo), flags + (hi - lo + 8), 0);
+    for (int64_t t = lo; t < hi; ++t) flags[t - lo] = keys[t] > last_key || (keys[t] == last_key && t <= last_pos);
+    for (int64_t base = 0; base < hi - lo; base += 8) {
+      uint64_t eight;
+      std::memcpy(&eight, flags + base, sizeof eight);
+      for (; eight; eight &= eight - 1) out[n++] = static_cast<int32_t>(lo + base + (__builtin_ctzll(eight) >> 3));
+    }
+  }
+  for (int64_t t = hi; t < len; ++t) out[n++] = static_cast<int32_t>(t);
+  return n;
+}
+
+struct Piece {
+  int64_t row, set, first, last;  // kept keys [first, last) of the row's set (for scoring: positions, set -1)
+};
+
+template <int64_t kD, int64_t kd, typename scalar_t>
+void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
+                 const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& limits, int64_t S,
+                 double scale, torch::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), d = low.size(3);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), width = tables.size(1);
+  const int64_t per_kv = S / Hkv, heads = Hq / S;  // sets per KV head, query heads per set
+  const Strides ls(low), ks(k_cache), vs(v_cache);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* lp = low.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* lens = limits.data_ptr<int32_t>();
+  const int32_t *sinks = lens + B, *locals = lens + 2 * B, *budgets = lens + 3 * B;
+  check_tables(lens, tp, B, width, bs, k_cache.size(0));
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sinks[b] >= 0 && locals[b] >= 0 && budgets[b] >= 0, "row ", b, ": negative sinks, window or budget");
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
+
+  // Each set's query, summed over its heads, on the first d channels (scores rank keys: no scale needed).
+  std::vector<float> qlow(B * S * d, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < Hq; ++c)
+      for (int64_t j = 0; j < d; ++j) qlow[(b * S + c / heads) * d + j] += as_float(qp[(b * Hq + c) * D + j]);
+
+  float* scores = scratch<float, 1>(B * S * longest);
+  std::vector<Piece> spans;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < lens[b]; f += kSpan) spans.push_back({b, -1, f, std::min<int64_t>(lens[b], f + kSpan)});
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Piece& w = spans[i];
+      const int32_t* table = tp + w.row * width;
+      for (int64_t pos = w.first; pos < w.last;) {
+        const int64_t off = pos % bs, run = std::min(w.last - pos, bs - off);
+        const scalar_t* lb = lp + table[pos / bs] * ls.block + off * ls.pos;
+        for (int64_t h = 0; h < Hkv; ++h)
+          score_run<kd>(lb + h * ls.head, ls, run, qlow.data() + (w.row * S + h * per_kv) * d, per_kv, d,
+                        scores + (w.row * S + h * per_kv) * longest + pos, longest);
+        pos += run;
+      }
+    }
+  });
+
+  // Set j's kept keys: kept[j * longest, + count[j]).
+  int32_t* kept = scratch<int32_t, 1>(B * S * longest);
+  std::vector<int64_t> count(B * S);
+  at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t set = begin; set < end; ++set) {
+      const int64_t b = set / S;
+      count[set] = select(scores + set * longest, lens[b], sinks[b], locals[b], budgets[b], kept + set * longest);
+    }
+  });
+
+  std::vector<Piece> pieces;
+  std::vector<int64_t> first_piece(B * S + 1);
+  for (int64_t set = 0; set < B * S; ++set) {
+    first_piece[set] = static_cast<int64_t>(pieces.size());
+    const int64_t n = count[set];
+    for (int64_t f = 0; f < n; f += kSpan) pieces.push_back({set / S, set % S, f, std::min(n, f + kSpan)});
+  }
+  first_piece[B * S] = static_cast<int64_t>(pieces.size());
+  const int64_t P = static_cast<int64_t>(pieces.size());
+  float *acc = scratch<float, 2>(P * heads * D), *mx = scratch<float, 3>(P * heads), *sum = scratch<float, 4>(P * heads);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    float *qf = scratch<float, 5>(heads * D), *s = scratch<float, 6>(heads * kSpan);
+    for (int64_t i = begin; i < end; ++i) {
+      const Piece& w = pieces[i];
+      const int64_t n = w.last - w.first, h = w.set / per_kv;
+      const int32_t* table = tp + w.row * width;
+      const int32_t* list = kept + (w.row * S + w.set) * longest + w.first;
+      const scalar_t* qs = qp + (w.row * Hq + w.set * heads) * D;
+      for (int64_t j = 0; j < heads * D; ++j) qf[j] = as_float(qs[j]) * static_cast<float>(scale);
+      auto row_of = [&](const scalar_t* cache, const Strides& st, int64_t j) {
+        const int64_t pos = list[j];
+        return cache + table[pos / bs] * st.block + (pos % bs) * st.pos + h * st.head;
+      };
+      for (int64_t j = 0; j < n; ++j) {
+        if (j + kAheadKeys < n) prefetch(row_of(kp, ks, j + kAheadKeys), row_bytes);
+        const scalar_t* k = row_of(kp, ks, j);
+        for (int64_t g = 0; g < heads; ++g) s[g * kSpan + j] = dot<kD>(qf + g * D, k, D, ks.dim);
+      }
+      for (int64_t g = 0; g < heads; ++g) std::tie(mx[i * heads + g], sum[i * heads + g]) = exponentiate(&s[g * kSpan], n);
+      float* a = acc + i * heads * D;
+      std::fill(a, a + heads * D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j + kAheadKeys < n) prefetch(row_of(vp, vs, j + kAheadKeys), row_bytes);
+        const scalar_t* v = row_of(vp, vs, j);
+        for (int64_t g = 0; g < heads; ++g) add_scaled<kD>(a + g * D, s[g * kSpan + j], v, D, vs.dim);
+      }
+    }
+  });
+
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / Hq, c = bc % Hq, set = b * S + c / heads, g = c % heads;
+      merge_pieces(mx + g, sum + g, acc + g * D, first_piece[set], first_piece[set + 1], heads,
+                   D, op + bc * D);
+    }
+  });
+}
+
+template <int64_t kD, typename scalar_t>
+void dispatch_rank(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& limits, int64_t S,
+                   double scale, torch::Tensor& out) {
+  // Loki's default rank (a quarter of the head dim) compiled with d fixed.
+  if (low.size(3) == kD / 4) topk_decode<kD, kD / 4, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+  else topk_decode<kD, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+}
+
+}  // namespace
+
+torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
+                                  const torch::Tensor& v_cache, const torch::Tensor& tables,
+                                  const torch::Tensor& limits, int64_t sets, double scale) {
+  check_query_and_cache(q, k_cache, v_cache, tables);
+  TORCH_CHECK(low.dim() == 4 && low.size(0) == k_cache.size(0) && low.size(1) == k_cache.size(1) &&
+                  low.size(2) == k_cache.size(2) && low.size(3) >= 1 && low.size(3) <= q.size(2),
+              "low-rank keys must be [num_blocks, block_size, H_kv, d] beside the cache, d <= D");
+  TORCH_CHECK(low.scalar_type() == q.scalar_type(), "low-rank keys and q must share a dtype");
+  TORCH_CHECK(limits.scalar_type() == torch::kInt32 && limits.is_contiguous() && limits.size(0) == 4 &&
+                  limits.size(1) == q.size(0),
+              "limits must be contiguous int32 [4, B]");
+  const int64_t Hq = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
+  TORCH_CHECK(sets > 0 && sets % Hkv == 0 && Hq % sets == 0, "key sets must be a multiple of the KV heads dividing "
+              "the query heads");
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lowrank_topk_decode", [&] {
+    if (D == 64) dispatch_rank<64, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
+    else if (D == 128) dispatch_rank<128, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
+    else topk_decode<0, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
+  });
+  return out;
+}
+
+}  // namespace longserve
