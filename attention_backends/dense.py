@@ -15,6 +15,7 @@ import torch
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import AttentionSpec, BackendBatch, Phase, SeqStep
 from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
+from attention_backends.kernels.paged import row_index
 from attention_backends.kernels.prefill import PrefillBatch, prefill_batch, prefill_into, prefill_plan
 from attention_backends.registry import register_backend
 from kv_cache.paged_kv import PagedKVCache
@@ -24,7 +25,7 @@ from kv_cache.paged_kv import PagedKVCache
 class DecodeRows:
     """Decoding sequences' rows of the batch, with one plan per window the model's layers use."""
 
-    rows: torch.Tensor  # [B]
+    rows: torch.Tensor | slice  # [B] rows of the batch (`row_index`)
     plans: dict[int | None, DecodePlan]
 
 
@@ -47,7 +48,7 @@ def exact_decode(seqs: list[SeqStep], spec: AttentionSpec, kv: PagedKVCache) -> 
     if not seqs:
         return None
     tables, lens = [s.block_table for s in seqs], [s.context_len for s in seqs]
-    return DecodeRows(torch.tensor([s.query_start for s in seqs]),
+    return DecodeRows(row_index([s.query_start for s in seqs]),
                       {w: decode_plan(tables, lens, spec.block_size, windows=None if w is None else [w] * len(seqs),
                                       device=kv.device, num_blocks=kv.num_blocks)
                        for w in set(spec.layer_windows)})
@@ -59,7 +60,7 @@ def dense_meta(seqs: list[SeqStep], spec: AttentionSpec, kv: PagedKVCache) -> De
 
 
 def attend_decode(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  rows: torch.Tensor, plan: DecodePlan, scale: float) -> None:
+                  rows: torch.Tensor | slice, plan: DecodePlan, scale: float) -> None:
     """Decoding rows of `out`, one query each."""
     out[:, rows] = paged_decode(q[:, rows].transpose(0, 1), k_cache, v_cache, plan, scale).transpose(0, 1)
 

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from attention_backends.calibration import CalibratedBackend, CalibratedParams
 from attention_backends.context import BackendBatch, SeqStep
-from attention_backends.kernels.paged import cdiv, take_blocks, write_slots
+from attention_backends.kernels.paged import cdiv, row_index, take_blocks, write_slots
 from attention_backends.kernels.topk import TopkDecodePlan, lowrank_scores, lowrank_topk_decode, topk_decode_plan
 from attention_backends.registry import register_backend
 from attention_backends.scorer import ScorerBackend, ScorerMeta, ScorerParams
@@ -71,7 +71,7 @@ class PCACalibrator:
 class LokiDecodes:
     """Decoding rows past their floor that share a rank d and a kind of key set, in one fused decode per layer."""
 
-    rows: torch.Tensor  # [B] rows of the batch
+    rows: torch.Tensor | slice  # [B] rows of the batch (`row_index`)
     rank: int
     sets: int  # key sets: H_kv (group selection) or H_q
     plan: TopkDecodePlan
@@ -123,7 +123,7 @@ class LokiBackend(CalibratedBackend[LokiMeta], ScorerBackend[LokiMeta]):
         by_kind: dict[tuple[int, int], list[SeqStep]] = {}
         for s in scorer.decodes:
             by_kind.setdefault((s.params.rank(self.spec.head_dim), self.key_sets(s.params)), []).append(s)
-        decodes = [LokiDecodes(torch.tensor([s.query_start for s in seqs]), d, sets,
+        decodes = [LokiDecodes(row_index([s.query_start for s in seqs]), d, sets,
                                topk_decode_plan([s.block_table for s in seqs], [s.context_len for s in seqs],
                                                 [s.params for s in seqs], self.kv.device, self.kv.num_blocks))
                    for (d, sets), seqs in by_kind.items()]

@@ -29,6 +29,14 @@ def take_blocks(t: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, flat.to(t.device)).view(*block_ids.shape, *t.shape[1:])
 
 
+def row_index(rows: list[int]) -> torch.Tensor | slice:
+    """Rows of a packed batch, as a slice when they are consecutive (a step of decodes): indexing by it is a view,
+    where a tensor of rows would copy them out and scatter the results back."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def position_slots(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
     """Cache slots of a sequence's positions `pos`."""
     return block_table[pos // block_size] * block_size + pos % block_size

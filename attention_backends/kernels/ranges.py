@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
+from attention_backends.kernels.paged import row_index
 from attention_backends.kernels.prefill import PrefillBatch, prefill_batch, prefill_into, prefill_plan
 
 
@@ -37,7 +38,7 @@ class RangeWork:
     so that a windowed row reads only its window's blocks."""
 
     prefill: PrefillBatch
-    decode: tuple[tuple[torch.Tensor, DecodePlan], ...]
+    decode: tuple[tuple[torch.Tensor | slice, DecodePlan], ...]
 
 
 def range_work(rows: Sequence[RangeRow], *, block_size: int, group: int, dtype: torch.dtype,
@@ -56,7 +57,7 @@ def range_work(rows: Sequence[RangeRow], *, block_size: int, group: int, dtype: 
         if dec:
             plan = decode_plan([r.block_table for r in dec], [r.start + 1 for r in dec], block_size,
                                [r.sinks for r in dec], [r.window for r in dec], device, num_blocks)
-            decode.append((torch.tensor([r.row for r in dec]), plan))
+            decode.append((row_index([r.row for r in dec]), plan))
     return RangeWork(prefill_batch(chunks, group, device, num_blocks), tuple(decode))
 
 

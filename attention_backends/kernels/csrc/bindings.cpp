@@ -3,6 +3,8 @@
 #include "cpu_attention.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_rows", &longserve::linear_rows, "a linear layer over a few rows, at the speed its weight streams");
+  m.attr("max_linear_rows") = longserve::kMaxLinearRows;
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
   m.def("paged_decode", &longserve::paged_decode, "paged decode over sinks and a band, read in place");
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,

@@ -22,6 +22,8 @@ namespace longserve {
 
 constexpr int64_t kSpan = 512;  // keys per piece of work: enough to amortise the merge, small enough to split 8k
 constexpr int64_t kMaxDim = 256;
+constexpr int64_t kMergeGrain = 64;  // query heads merged per task: a decode step's few merge on the calling thread
+constexpr int64_t kMaxLinearRows = 8;  // rows `linear_rows` takes: a weight read serves all of them
 
 struct Strides {
   int64_t block, pos, head, dim;
@@ -205,6 +207,9 @@ inline void check_query_and_cache(const torch::Tensor& q, const torch::Tensor& k
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(2) == v_cache.size(3) && q.size(2) <= kMaxDim,
               "head dim must match the caches and be <= ", kMaxDim);
 }
+
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& weight,
+                          const c10::optional<torch::Tensor>& bias);
 
 void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping);
 

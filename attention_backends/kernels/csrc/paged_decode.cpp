@@ -70,10 +70,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   first_piece[B] = static_cast<int64_t>(pieces.size());
   const int64_t P = static_cast<int64_t>(pieces.size());
   // Per piece and query head: the running max, the sum of exponentials and the weighted sum of values.
-  std::vector<float> acc(P * Hq * D), mx(P * Hq), sum(P * Hq);
+  float *acc = scratch<float, 10>(P * Hq * D), *mx = scratch<float, 11>(P * Hq), *sum = scratch<float, 12>(P * Hq);
 
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Hq * D), s(Hq * kSpan);
+    float *qf = scratch<float, 13>(Hq * D), *s = scratch<float, 14>(Hq * kSpan);
     for (int64_t i = begin; i < end; ++i) {
       const Piece& w = pieces[i];
       const int64_t n = w.last - w.first, sink = sinks[w.row], lo = los[w.row];
@@ -83,10 +83,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         if (ahead >= 0) prefetch(kp + ahead * ks.block, block_bytes);
         const scalar_t* kb = kp + block * ks.block + off * ks.pos;
         for (int64_t h = 0; h < Hkv; ++h)
-          score_run<kD>(kb + h * ks.head, ks, run, qf.data() + h * G * D, G, D, s.data() + h * G * kSpan + at, kSpan);
+          score_run<kD>(kb + h * ks.head, ks, run, qf + h * G * D, G, D, s + h * G * kSpan + at, kSpan);
       });
       for (int64_t c = 0; c < Hq; ++c) std::tie(mx[i * Hq + c], sum[i * Hq + c]) = exponentiate(&s[c * kSpan], n);
-      float* a = acc.data() + i * Hq * D;
+      float* a = acc + i * Hq * D;
       std::fill(a, a + Hq * D, 0.f);
       for_each_run(w, sink, lo, bs, table, [&](int64_t block, int64_t off, int64_t run, int64_t at, int64_t ahead) {
         if (ahead >= 0) prefetch(vp + ahead * vs.block, block_bytes);
@@ -100,11 +100,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   });
 
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hq, kMergeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Hq, c = bc % Hq;
-      merge_pieces(mx.data() + c, sum.data() + c, acc.data() + c * D, first_piece[b], first_piece[b + 1], Hq, D,
-                   op + bc * D);
+      merge_pieces(mx + c, sum + c, acc + c * D, first_piece[b], first_piece[b + 1], Hq, D, op + bc * D);
     }
   });
 }

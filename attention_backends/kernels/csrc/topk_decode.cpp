@@ -175,7 +175,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   });
 
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hq, kMergeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Hq, c = bc % Hq, set = b * S + c / heads, g = c % heads;
       merge_pieces(mx + g, sum + g, acc + g * D, first_piece[set], first_piece[set + 1], heads,

@@ -1,0 +1,53 @@
+"""Linear layers of a model served on the CPU: a decode step's few rows at the speed its weights stream from memory.
+
+A decode step multiplies a handful of rows (one per sequence) by every weight of the model, so its linear layers
+take as long as reading those weights. torch's paths for so few rows (BLAS, or oneDNN on weights packed into its
+blocked layout) read them at 8-9 GB/s on this machine; longserve's C++ kernel (`linear_rows`, in
+`attention_backends/kernels/csrc/`) reads each row of the plain `[out, in]` weight once for every row of the batch
+at the machine's streaming rate (~18 GB/s; BENCHMARKS.md). More rows than it takes (prefill chunks, where the
+products are bound by arithmetic) go to torch's matmul on the same weight: one copy serves both, and a tied
+`lm_head` keeps sharing the embedding's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attention_backends.kernels import cpu_ext
+from attention_backends.kernels.dispatch import use_cpp
+
+
+class CpuLinear(torch.nn.Module):
+    """`nn.Linear` for inference on the CPU (float32): up to `max_rows` rows through longserve's kernel."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same parameter: a tied embedding stays tied
+        self.bias = linear.bias
+        kernels = cpu_ext.load()
+        self._kernel, self.max_rows = kernels.linear_rows, kernels.max_linear_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if not 0 < rows <= self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        y = self._kernel(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_cpu_linears(model: torch.nn.Module) -> int:
+    """Replaces every `nn.Linear` of a float32 CPU model by a `CpuLinear` (where longserve's C++ kernels build);
+    returns how many were replaced."""
+    weight = next(model.parameters())
+    if weight.dtype != torch.float32 or not use_cpp(weight.device):
+        return 0
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is torch.nn.Linear and child.weight.is_contiguous()]
+    for parent, name, child in targets:
+        setattr(parent, name, CpuLinear(child))
+    return len(targets)
