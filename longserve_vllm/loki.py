@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from vllm.config import get_current_vllm_config
 
-from attention_backends.kernels.paged import write_kv
+from attention_backends.kernels.paged import row_index, write_kv
 from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
 from attention_backends.kernels.topk import TopkDecodePlan, lowrank_topk_decode, topk_decode_plan
 from attention_backends.loki import LokiParams
@@ -34,7 +34,7 @@ from longserve_vllm.platform_backend import ON_CPU
 @dataclass(frozen=True, slots=True)
 class LokiWork:
     exact: RangeWork  # prefill chunks, and decodes under the dense floor
-    topk_rows: torch.Tensor | slice  # rows of decodes that keep their top keys (a slice: every row of the step)
+    topk_rows: torch.Tensor | slice  # rows of decodes that keep their top keys (`row_index`)
     topk: TopkDecodePlan | None
 
 
@@ -68,9 +68,7 @@ class LokiImpl(RangeImpl):
         topk = [r for r in rows if scored(r)]
         plan = topk_decode_plan([r.block_table for r in topk], [r.start + 1 for r in topk], [self.params] * len(topk),
                                 geometry["device"]) if topk else None
-        rows = [r.row for r in topk]
-        every = rows == list(range(len(rows))) and not exact
-        return LokiWork(range_work(exact, **geometry), slice(0, len(rows)) if every else torch.tensor(rows), plan)
+        return LokiWork(range_work(exact, **geometry), row_index([r.row for r in topk]), plan)
 
     def cache_packing(self, layer: torch.nn.Module) -> str | None:
         # On the CPU, keys row by row: a decode reads a quarter of its keys whole, scattered, which vLLM's transposed
