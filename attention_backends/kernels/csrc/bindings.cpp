@@ -1,6 +1,6 @@
 // The Python module of longserve's CPU kernels (loaded by cpu_ext.py).
 
-#include "cpu_attention.h"
+#include "cpu_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_rows", &longserve::linear_rows, "a linear layer over a few rows, at the speed its weight streams");

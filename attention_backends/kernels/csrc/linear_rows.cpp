@@ -7,7 +7,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "cpu_attention.h"
+#include "cpu_kernels.h"
 
 namespace longserve {
 namespace {

@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "cpu_attention.h"
+#include "cpu_kernels.h"
 
 namespace longserve {
 namespace {

@@ -14,7 +14,7 @@
 
 #include <vector>
 
-#include "cpu_attention.h"
+#include "cpu_kernels.h"
 
 namespace longserve {
 namespace {
@@ -49,14 +49,16 @@ int64_t select(const float* scores, int64_t len, int64_t sinks, int64_t local, i
     }
     int64_t above = 0;
     uint32_t cut = (1 << kBucketBits) - 1;
-    auto count = [&](uint32_t bucket) { return hist[0][bucket] + hist[1][bucket] + hist[2][bucket] + hist[3][bucket]; };
+    auto count = [&](uint32_t b) { return hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]; };
     while (above + count(cut) < budget) above += count(cut--);
     thread_local std::vector<std::pair<uint32_t, int32_t>> tied;
     tied.clear();
     for (int64_t t = lo; t < hi; ++t)
       if (keys[t] >> kShift == cut) tied.emplace_back(keys[t], static_cast<int32_t>(t));
     // The last key taken, in the order (score descending, position ascending): everything before it is kept.
-    auto before = [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; };
+    auto before = [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    };
     std::nth_element(tied.begin(), tied.begin() + (budget - above - 1), tied.end(), before);
     const auto [last_key, last_pos] = tied[budget - above - 1];
     // A flag per key, then eight flags at a time: kept or not is random, which a branch per key would mispredict.
@@ -132,6 +134,8 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
       count[set] = select(scores + set * longest, lens[b], sinks[b], locals[b], budgets[b], kept + set * longest);
     }
   });
+  for (int64_t set = 0; set < B * S; ++set)
+    TORCH_CHECK(count[set] > 0, "row ", set / S, " keeps no key: it needs sinks, a local window or a budget");
 
   std::vector<Piece> pieces;
   std::vector<int64_t> first_piece(B * S + 1);
@@ -142,7 +146,8 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   }
   first_piece[B * S] = static_cast<int64_t>(pieces.size());
   const int64_t P = static_cast<int64_t>(pieces.size());
-  float *acc = scratch<float, 2>(P * heads * D), *mx = scratch<float, 3>(P * heads), *sum = scratch<float, 4>(P * heads);
+  float* acc = scratch<float, 2>(P * heads * D);
+  float *mx = scratch<float, 3>(P * heads), *sum = scratch<float, 4>(P * heads);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
 
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -163,7 +168,8 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
         const scalar_t* k = row_of(kp, ks, j);
         for (int64_t g = 0; g < heads; ++g) s[g * kSpan + j] = dot<kD>(qf + g * D, k, D, ks.dim);
       }
-      for (int64_t g = 0; g < heads; ++g) std::tie(mx[i * heads + g], sum[i * heads + g]) = exponentiate(&s[g * kSpan], n);
+      for (int64_t g = 0; g < heads; ++g)
+        std::tie(mx[i * heads + g], sum[i * heads + g]) = exponentiate(&s[g * kSpan], n);
       float* a = acc + i * heads * D;
       std::fill(a, a + heads * D, 0.f);
       for (int64_t j = 0; j < n; ++j) {
@@ -178,8 +184,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   at::parallel_for(0, B * Hq, kMergeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Hq, c = bc % Hq, set = b * S + c / heads, g = c % heads;
-      merge_pieces(mx + g, sum + g, acc + g * D, first_piece[set], first_piece[set + 1], heads,
-                   D, op + bc * D);
+      merge_pieces(mx + g, sum + g, acc + g * D, first_piece[set], first_piece[set + 1], heads, D, op + bc * D);
     }
   });
 }
@@ -189,8 +194,10 @@ void dispatch_rank(const torch::Tensor& q, const torch::Tensor& low, const torch
                    const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& limits, int64_t S,
                    double scale, torch::Tensor& out) {
   // Loki's default rank (a quarter of the head dim) compiled with d fixed.
-  if (low.size(3) == kD / 4) topk_decode<kD, kD / 4, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
-  else topk_decode<kD, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+  if (low.size(3) == kD / 4)
+    topk_decode<kD, kD / 4, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+  else
+    topk_decode<kD, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
 }
 
 }  // namespace

@@ -4,7 +4,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "cpu_attention.h"
+#include "cpu_kernels.h"
 
 namespace longserve {
 namespace {

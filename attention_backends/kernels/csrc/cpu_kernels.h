@@ -1,4 +1,4 @@
-// What longserve's CPU attention kernels share: reading a paged cache of any strides, dot products and
+// What longserve's CPU kernels share: reading a paged cache of any strides, dot products and
 // exponentials in forms the compiler vectorizes, and the exact merge of partial softmax states.
 //
 // A cache is a `[num_blocks, block_size, H_kv, D]` tensor of any strides: longserve's own (D contiguous) or
