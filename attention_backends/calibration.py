@@ -46,6 +46,8 @@ class CalibratedParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The params that change what calibration learns; the others may differ per request over one artifact.
     shaping: ClassVar[tuple[str, ...]] = ()
+    # Whether what calibration learns depends on the KV cache's block size: its artifacts are then kept per size.
+    per_block_size: ClassVar[bool] = False
 
     calibration: str | None = Field(
         None, description="artifact path; default: the cache's artifact for this model, made on first use")
@@ -113,16 +115,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGSERVE_CACHE", Path.home() / ".cache" / "longserve"))
 
 
-def artifact_path(backend: str, fingerprint: str, params: CalibratedParams) -> Path:
+def artifact_path(backend: str, fingerprint: str, params: CalibratedParams, block_size: int) -> Path:
+    """Where longserve's cache keeps the artifact for these weights, params and (where it matters) block size: a
+    server with 16-token blocks and vLLM with 32-token pages each find their own."""
     shaping = json.dumps(params.calibration_params(), sort_keys=True)
     digest = hashlib.sha256(shaping.encode()).hexdigest()[:12]
-    return cache_dir() / "calibration" / f"{backend}-{fingerprint}-{digest}.safetensors"
+    blocks = f"-block{block_size}" if params.per_block_size else ""
+    return cache_dir() / "calibration" / f"{backend}-{fingerprint}-{digest}{blocks}.safetensors"
 
 
-def calibrate_command(backend: str, model: str | None, params: CalibratedParams, output: str | None) -> str:
+def calibrate_command(backend: str, model: str | None, params: CalibratedParams, output: str | None,
+                      block_size: int) -> str:
     cmd = ["longserve", "calibrate", "--backend", backend]
     if model:
         cmd += ["--model", model]
+    if params.per_block_size:
+        cmd += ["--block-size", str(block_size)]
     if params.calibration_params():
         cmd += ["--attention-params", json.dumps(params.calibration_params(), sort_keys=True)]
     if output:
@@ -141,15 +149,15 @@ def save_artifact(path: Path, tensors: dict[str, torch.Tensor], backend: str, fi
     tmp.replace(path)  # never a half-written artifact under the real name
 
 
-def load_artifact(path: Path, backend: str, fingerprint: str, params: CalibratedParams, model: str | None
-                  ) -> dict[str, torch.Tensor]:
+def load_artifact(path: Path, backend: str, fingerprint: str, params: CalibratedParams, model: str | None,
+                  block_size: int) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     want = {"backend": backend, "model_fingerprint": fingerprint, "params": params.calibration_params()}
     wrong = [f"{k} {meta.get(k)!r} (this server needs {v!r})" for k, v in want.items() if meta.get(k) != v]
     if wrong:
-        cmd = calibrate_command(backend, model, params, str(path) if params.calibration else None)
+        cmd = calibrate_command(backend, model, params, str(path) if params.calibration else None, block_size)
         raise CalibrationError(f"calibration artifact {path} was made for another setting: {'; '.join(wrong)}. "
                                f"Make the right one with: {cmd}")
     return tensors
@@ -174,7 +182,7 @@ def calibrate(model: CalibrationModel, impl: CalibratedBackend, params: Calibrat
         with capture_qk(observe):
             model.dense_pass(ids)
     tensors = calibrator.result()
-    path = output or artifact_path(impl.name, model.fingerprint, params)
+    path = output or artifact_path(impl.name, model.fingerprint, params, impl.spec.block_size)
     save_artifact(path, tensors, impl.name, model.fingerprint, params, text, max_tokens)
     return path, tensors
 
@@ -183,12 +191,13 @@ def obtain(model: CalibrationModel, impl: CalibratedBackend, params: CalibratedP
            ) -> dict[str, torch.Tensor] | None:
     """The artifact `params` need: loaded from its file, else (the cache's own, `make` set) made now on the bundled
     text. None when it is missing and `make` is off."""
-    path = Path(params.calibration) if params.calibration else artifact_path(impl.name, model.fingerprint, params)
+    bs = impl.spec.block_size
+    path = Path(params.calibration) if params.calibration else artifact_path(impl.name, model.fingerprint, params, bs)
     if path.exists():
-        return load_artifact(path, impl.name, model.fingerprint, params, model.name)
+        return load_artifact(path, impl.name, model.fingerprint, params, model.name, bs)
     if params.calibration:
         raise CalibrationError(f"calibration artifact {path} does not exist. Make it with: "
-                               f"{calibrate_command(impl.name, model.name, params, str(path))}")
+                               f"{calibrate_command(impl.name, model.name, params, str(path), bs)}")
     if not make:
         logger.info("no %s calibration for this model in %s yet: it is made on first use", impl.name, path.parent)
         return None

@@ -47,6 +47,7 @@ TILE = 256  # query rows per attention call in prefill
 
 class TCAParams(CalibratedParams):
     shaping = ("tolerance", "local_blocks")
+    per_block_size = True  # budgets are counts of a block's tokens
 
     tolerance: float = Field(0.01, gt=0, lt=1, description="calibration: attention mass a head may lose")
     local_blocks: int = Field(4, ge=1, description="most recent blocks kept whole, the current one included")

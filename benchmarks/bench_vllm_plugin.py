@@ -41,6 +41,7 @@ from loadtest.scoring import score  # noqa: E402
 from loadtest.tokens import LocalTokenizer  # noqa: E402
 from loadtest.workloads import build, make_task  # noqa: E402
 
+BLOCK_SIZE = 32  # vLLM-CPU's page
 WINDOWED = {"window": 1024, "sinks": 64, "prefill_only": False}
 RECIPES = {
     "stock CPU_ATTN": (None, None),
@@ -96,23 +97,18 @@ def main() -> None:
 
     recipes = {name: RECIPES[name] for name in args.recipes.split(",")}
     longserve = os.path.join(os.path.dirname(sys.executable), "longserve")
-    loki = artifact_path("loki", fingerprint(Path(model)), validate_params("loki", {}))
-    if any(backend == "LONGSERVE_LOKI" for backend, _ in recipes.values()) and not loki.exists():
-        # `longserve calibrate` writes where the plugin looks: the cache, by the model directory's fingerprint.
-        subprocess.run([longserve, "calibrate", "--backend", "loki", "--model", model], check=True)
-    # TCA's budgets depend on the block size, which its cache path does not name: a file of its own for 32.
-    tca = artifact_path("tca", fingerprint(Path(model)), validate_params("tca", {})).with_suffix(".block32.safetensors")
-    if any(backend == "LONGSERVE_TCA" for backend, _ in recipes.values()):
-        recipes = {name: (b, {**p, "calibration": str(tca)} if b == "LONGSERVE_TCA" else p)
-                   for name, (b, p) in recipes.items()}
-        if not tca.exists():
-            subprocess.run([longserve, "calibrate", "--backend", "tca", "--model", model, "--block-size", "32",
-                            "--output", str(tca)], check=True)
+    # `longserve calibrate` writes where the plugin looks: the cache, by the model directory's fingerprint (and, for
+    # TCA's budgets, the block size).
+    for method in ("loki", "tca"):
+        path = artifact_path(method, fingerprint(Path(model)), validate_params(method, {}), BLOCK_SIZE)
+        if any(backend == f"LONGSERVE_{method.upper()}" for backend, _ in recipes.values()) and not path.exists():
+            subprocess.run([longserve, "calibrate", "--backend", method, "--model", model, "--block-size",
+                            str(BLOCK_SIZE)], check=True)
     load_general_plugins()
     # Every recipe's engine at once, each prompt run on one after the other (the order rotating by repeat), so the
     # machine's drift over minutes shifts every recipe alike. No prefix caching: prompts of one haystack share
     # their text up to the needle, which would skip prefill.
-    llms = {name: LLM(model, dtype="float32", enforce_eager=True, block_size=32, max_model_len=8192, seed=0,
+    llms = {name: LLM(model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=8192, seed=0,
                       enable_prefix_caching=False, attention_config={"backend": backend} if backend else None,
                       additional_config={"longserve": params} if params is not None else {})
             for name, (backend, params) in recipes.items()}
@@ -125,7 +121,7 @@ def main() -> None:
 
     base = next(iter(recipes))
     print(f"\n{time.strftime('%Y-%m-%d')}, one request at a time, {args.max_tokens} output tokens, medians over depths "
-          f"{args.depths} x {args.repeats} runs; KV: blocks of 32 tokens the request holds; passkey at each depth")
+          f"{args.depths} x {args.repeats} runs; KV: blocks of {BLOCK_SIZE} tokens the request holds; passkey at each depth")
     print("\n| recipe | prompt | TTFT | vs stock | TPOT | vs stock | KV peak | KV decoding | vs stock | passkey |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in lengths:

@@ -75,12 +75,13 @@ class RangeImpl(PlatformImpl):
             raise LongserveConfigError(f"{name} needs a local model directory (its artifact is keyed by the weights), "
                                        f"got {str(model_dir)!r}")
         p, weights = self.params, fingerprint(model_dir)
-        path = Path(p.calibration) if p.calibration else artifact_path(self.method, weights, p)
+        page = get_current_vllm_config().cache_config.block_size
+        path = Path(p.calibration) if p.calibration else artifact_path(self.method, weights, p, page)
         if not path.exists():
             raise LongserveConfigError(f"no {name} calibration artifact at {path}; make it with: "
-                                       f"{calibrate_command(self.method, str(model_dir), p, p.calibration)}")
+                                       f"{calibrate_command(self.method, str(model_dir), p, p.calibration, page)}")
         try:
-            return load_artifact(path, self.method, weights, p, str(model_dir))
+            return load_artifact(path, self.method, weights, p, str(model_dir), page)
         except CalibrationError as e:
             raise LongserveConfigError(str(e)) from None
 

@@ -126,18 +126,18 @@ def test_every_channel_and_every_token_reduces_to_dense(make_engine, loaded):
     for params, n in ((every, 2), (dict(every, prefill="topk"), 1)):
         assert_same_as_dense(dense[:n], greedy_with_logprobs(engine, prompts[:n], attention_backend="loki",
                                                              attention_params=params))
-    path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}))
+    path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}), BS)
     assert path.exists()
 
 
 def test_artifact_round_trips_and_is_refused_for_another_model(make_engine, loaded, tmp_path):
     engine = make_engine()
     engine.prepare_backend("loki", validate_params("loki", {}))  # made on first use, or found in the cache
-    path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}))
+    path = calibration.artifact_path("loki", loaded.fingerprint, validate_params("loki", {}), BS)
     tensors = load_file(path)
     assert tensors["components"].shape == (30, 3, 64, 64) and tensors["mean"].shape == (30, 3, 64)
     params = validate_params("loki", {})
-    again = calibration.load_artifact(path, "loki", loaded.fingerprint, params, None)
+    again = calibration.load_artifact(path, "loki", loaded.fingerprint, params, None, BS)
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
     other = tmp_path / "other-model.safetensors"
     calibration.save_artifact(other, tensors, "loki", "0123456789abcdef", params, "text", 10)

@@ -140,7 +140,9 @@ def test_evicts_kv_and_the_pool_ends_all_free(make_engine, loaded, tmp_path):
     dense_blocks = math.ceil((len(prompt) + 40) / BS)
     assert held[-1] < 0.8 * dense_blocks, (held[-1], dense_blocks)
     assert engine.usage().used == 0 and engine.usage().cached == 0  # no prefix caching for compacted blocks
-    assert calibration.artifact_path("tca", loaded.fingerprint, validate_params("tca", params)).exists()
+    # Kept per block size: vLLM's 32-token pages need budgets of their own.
+    path = calibration.artifact_path("tca", loaded.fingerprint, validate_params("tca", params), BS)
+    assert path.exists() and path.name.endswith(f"-block{BS}.safetensors")
     assert KEEP_TABLE in engine.kv.side_tables
 
 
@@ -149,7 +151,8 @@ def test_artifact_for_other_params_is_refused(make_engine, loaded, tmp_path):
     path = tmp_path / "tca.safetensors"
     calibration.save_artifact(path, {"thresholds": torch.zeros(30, 3, 4)}, "tca", loaded.fingerprint, made_for, "", 0)
     with pytest.raises(BackendError, match=r"params \{'tolerance': 0.2, 'local_blocks': 4\} \(this server needs "
-                                           r"\{'tolerance': 0.1.*longserve calibrate --backend tca --attention-params"):
+                                           r"\{'tolerance': 0.1.*longserve calibrate --backend tca --block-size 16 "
+                                           r"--attention-params"):
         make_engine().add_request("hi", attention_backend="tca",
                                   attention_params=dict(tolerance=0.1, calibration=str(path)))
 

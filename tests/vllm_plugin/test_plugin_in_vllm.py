@@ -179,7 +179,7 @@ def tca_artifact(tiny, tmp_path_factory) -> str:
 def test_tca_with_every_budget_full_gives_stock_vllms_tokens(tiny, prompts, stock, tca_artifact, tmp_path):
     # Thresholds above every redundancy: each block keeps all 32 tokens in every head.
     params = validate_params("tca", TCA_SPARSE)
-    tensors = load_artifact(Path(tca_artifact), "tca", fingerprint(tiny.path), params, None)
+    tensors = load_artifact(Path(tca_artifact), "tca", fingerprint(tiny.path), params, None, 32)
     full = tmp_path / "full.safetensors"
     save_artifact(full, {"thresholds": torch.full_like(tensors["thresholds"], float("inf"))}, "tca",
                   fingerprint(tiny.path), params, "", 0)
