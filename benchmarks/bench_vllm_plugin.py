@@ -121,7 +121,8 @@ def main() -> None:
 
     base = next(iter(recipes))
     print(f"\n{time.strftime('%Y-%m-%d')}, one request at a time, {args.max_tokens} output tokens, medians over depths "
-          f"{args.depths} x {args.repeats} runs; KV: blocks of {BLOCK_SIZE} tokens the request holds; passkey at each depth")
+          f"{args.depths} x {args.repeats} runs; KV: blocks of {BLOCK_SIZE} tokens the request holds; passkey at each "
+          "depth")
     print("\n| recipe | prompt | TTFT | vs stock | TPOT | vs stock | KV peak | KV decoding | vs stock | passkey |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in lengths:
