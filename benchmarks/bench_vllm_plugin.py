@@ -57,6 +57,15 @@ RECIPES = {
 }
 
 
+def passkey_prompts(tok: LocalTokenizer, lengths: list[int], depths: list[float]) -> tuple[dict, dict]:
+    """The load test's passkey samples and their chat-rendered token ids, by (length, depth); the same every run."""
+    rng = random.Random(20261202)
+    samples = {(n, d): build(tok, make_task("passkey", rng), n, depth=d, rng=rng) for n in lengths for d in depths}
+    prompts = {cell: tok.encode(tok.tok.apply_chat_template(s.messages, tokenize=False, add_generation_prompt=True))
+               for cell, s in samples.items()}
+    return samples, prompts
+
+
 def run_request(llm: LLM, prompt: list[int], max_tokens: int) -> dict:
     """One request alone, stepped by hand: TTFT, TPOT, its text and the blocks it holds after each step."""
     engine = llm.llm_engine
@@ -90,10 +99,7 @@ def main() -> None:
 
     model = str(resolve_model_dir(None, progress=False))
     tok = LocalTokenizer(model)
-    rng = random.Random(20261202)
-    samples = {(n, d): build(tok, make_task("passkey", rng), n, depth=d, rng=rng) for n in lengths for d in depths}
-    prompts = {cell: tok.encode(tok.tok.apply_chat_template(s.messages, tokenize=False, add_generation_prompt=True))
-               for cell, s in samples.items()}
+    samples, prompts = passkey_prompts(tok, lengths, depths)
 
     recipes = {name: RECIPES[name] for name in args.recipes.split(",")}
     longserve = os.path.join(os.path.dirname(sys.executable), "longserve")
