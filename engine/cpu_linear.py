@@ -40,11 +40,16 @@ class CpuLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def cpu_kernels_apply(model: torch.nn.Module) -> bool:
+    """Whether the model is float32 on the CPU and longserve's C++ kernels build here."""
+    weight = next(model.parameters())
+    return weight.dtype == torch.float32 and use_cpp(weight.device)
+
+
 def use_cpu_linears(model: torch.nn.Module) -> int:
     """Replaces every `nn.Linear` of a float32 CPU model by a `CpuLinear` (where longserve's C++ kernels build);
     returns how many were replaced."""
-    weight = next(model.parameters())
-    if weight.dtype != torch.float32 or not use_cpp(weight.device):
+    if not cpu_kernels_apply(model):
         return 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is torch.nn.Linear and child.weight.is_contiguous()]

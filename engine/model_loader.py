@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from attention_backends.calibration import cache_dir, fingerprint  # noqa: E402
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION  # noqa: E402
-from engine.cpu_linear import use_cpu_linears  # noqa: E402
+from engine.cpu_modules import use_cpu_modules  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -183,5 +183,5 @@ def load_model(model: str | None, device: str = "cpu", progress: bool = True, dt
         model_dir, dtype=resolve_dtype(dtype, target, config), attn_implementation=ATTN_IMPLEMENTATION
     ).to(target)
     hf_model.eval()
-    use_cpu_linears(hf_model)
+    use_cpu_modules(hf_model)
     return LoadedModel(hf_model, tokenizer, hf_model.config, model_dir, fingerprint(model_dir))

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
 from engine.cpu_linear import CpuLinear, use_cpu_linears
+from engine.cpu_modules import CpuRMSNorm, GateUpMLP, use_cpu_modules
 from engine.llm_engine import LLMEngine
 from engine.model_loader import ModelLoadError, check_config, layer_windows, load_model
 from engine.sampling_params import SamplingParams
@@ -118,9 +119,37 @@ def test_cpu_linear_matches_nn_linear(bias):
             torch.testing.assert_close(model(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_loaded_cpu_model_runs_cpu_linears(loaded):
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_modules_match_the_hf_modules(bias):
+    """The norm bitwise; the MLP with its gate and up products as one to float32 rounding, through longserve's
+    kernel (up to 8 rows) and torch's matmul."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=100, intermediate_size=72, num_attention_heads=5, mlp_bias=bias)
+    model = torch.nn.ModuleDict({"norm": LlamaRMSNorm(100, 1e-5), "mlp": LlamaMLP(config)})
+    torch.nn.init.normal_(model.norm.weight)
+    norm, mlp = model.norm, model.mlp  # the HF modules, left out of the model and unchanged
+    assert use_cpu_modules(model) == 3  # the norm, the MLP, and its down product as a CpuLinear
+    assert isinstance(model.norm, CpuRMSNorm) and isinstance(model.mlp, GateUpMLP)
+    assert isinstance(model.mlp.gate_up_proj, CpuLinear) and isinstance(model.mlp.down_proj, CpuLinear)
+    assert type(mlp.down_proj) is torch.nn.Linear
+    for x in (torch.randn(1, 100), torch.randn(1, 5, 100), torch.randn(9, 100)):
+        with torch.inference_mode():
+            assert torch.equal(model.norm(x), norm(x))
+            torch.testing.assert_close(model.mlp(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_loaded_cpu_model_runs_cpu_modules(loaded):
     layers = loaded.config.num_hidden_layers
-    assert sum(isinstance(m, CpuLinear) for m in loaded.model.modules()) == 7 * layers + 1  # and lm_head
-    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    modules = list(loaded.model.modules())
+    # q, k, v, o, gate+up, down per layer, and lm_head
+    assert sum(isinstance(m, CpuLinear) for m in modules) == 6 * layers + 1
+    assert sum(isinstance(m, CpuRMSNorm) for m in modules) == 2 * layers + 1
+    assert sum(isinstance(m, GateUpMLP) for m in modules) == layers
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    assert not any(type(m).__module__.startswith("transformers.") and type(m).__name__.endswith(("RMSNorm", "MLP"))
+                   for m in modules)
     # the tied lm_head reads the embedding's weight, not a copy of it
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.get_input_embeddings().weight.data_ptr()
