@@ -66,6 +66,15 @@ def passkey_prompts(tok: LocalTokenizer, lengths: list[int], depths: list[float]
     return samples, prompts
 
 
+def make_llm(model: str, backend: str | None, params: dict | None) -> LLM:
+    """vLLM on the CPU as these benchmarks run it: float32, eager, 32-token pages, `backend` (None: stock) with
+    longserve's `params`. No prefix caching: prompts of one haystack share their text up to the needle, which would
+    skip prefill."""
+    return LLM(model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=8192, seed=0,
+               enable_prefix_caching=False, attention_config={"backend": backend} if backend else None,
+               additional_config={"longserve": params} if params is not None else {})
+
+
 def run_request(llm: LLM, prompt: list[int], max_tokens: int) -> dict:
     """One request alone, stepped by hand: TTFT, TPOT, its text and the blocks it holds after each step."""
     engine = llm.llm_engine
@@ -112,12 +121,8 @@ def main() -> None:
                             str(BLOCK_SIZE)], check=True)
     load_general_plugins()
     # Every recipe's engine at once, each prompt run on one after the other (the order rotating by repeat), so the
-    # machine's drift over minutes shifts every recipe alike. No prefix caching: prompts of one haystack share
-    # their text up to the needle, which would skip prefill.
-    llms = {name: LLM(model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=8192, seed=0,
-                      enable_prefix_caching=False, attention_config={"backend": backend} if backend else None,
-                      additional_config={"longserve": params} if params is not None else {})
-            for name, (backend, params) in recipes.items()}
+    # machine's drift over minutes shifts every recipe alike.
+    llms = {name: make_llm(model, backend, params) for name, (backend, params) in recipes.items()}
     results: dict[tuple, list] = {}
     names = list(recipes)
     runs = [(rep, cell) for rep in range(args.repeats) for cell in prompts]

@@ -16,8 +16,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_vllm_plugin import BLOCK_SIZE, passkey_prompts  # noqa: E402
-from vllm import LLM  # noqa: E402
+from bench_vllm_plugin import make_llm, passkey_prompts  # noqa: E402
 from vllm import SamplingParams as VllmSampling  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
@@ -53,9 +52,7 @@ def main() -> None:
     load_general_plugins()
     for name, backend in (("vLLM stock", None), (f"vLLM LONGSERVE_{args.backend.upper()}",
                                                  f"LONGSERVE_{args.backend.upper()}")):
-        llm = LLM(model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=8192, seed=0,
-                  enable_prefix_caching=False, attention_config={"backend": backend} if backend else None,
-                  additional_config={"longserve": params} if backend else {})
+        llm = make_llm(model, backend, params if backend else None)
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                            VllmSampling(max_tokens=args.max_tokens, temperature=0, ignore_eos=True))
         answers[name] = list(out[0].outputs[0].token_ids)

@@ -37,13 +37,11 @@ class GateUpMLP(torch.nn.Module):
         super().__init__()
         gate, up = mlp.gate_proj, mlp.up_proj
         self.intermediate = gate.out_features
-        both = torch.nn.Linear(gate.in_features, 2 * self.intermediate, bias=gate.bias is not None,
-                               device=gate.weight.device, dtype=gate.weight.dtype)
-        with torch.no_grad():
-            both.weight.copy_(torch.cat([gate.weight, up.weight]))
-            if gate.bias is not None:
-                both.bias.copy_(torch.cat([gate.bias, up.bias]))
-        both.requires_grad_(False)
+        # Built on the meta device, then given the stacked weights: no initialisation of a weight that is replaced.
+        both = torch.nn.Linear(gate.in_features, 2 * self.intermediate, bias=gate.bias is not None, device="meta")
+        both.weight = torch.nn.Parameter(torch.cat([gate.weight, up.weight]).detach(), requires_grad=False)
+        if gate.bias is not None:
+            both.bias = torch.nn.Parameter(torch.cat([gate.bias, up.bias]).detach(), requires_grad=False)
         self.gate_up_proj = CpuLinear(both)
         self.down_proj = mlp.down_proj
 
