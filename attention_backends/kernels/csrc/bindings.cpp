@@ -1,5 +1,7 @@
 // The Python module of longserve's CPU kernels (loaded by cpu_ext.py).
 
+#include <torch/extension.h>
+
 #include "cpu_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -8,7 +8,9 @@
 
 #pragma once
 
-#include <torch/extension.h>
+// torch's tensor types only: its extension header (pybind11, the C++ API) adds 10-25 s to each file's compile, and
+// only bindings.cpp needs it.
+#include <torch/types.h>
 
 #include <algorithm>
 #include <cmath>
