@@ -1,7 +1,8 @@
-"""longserve's CPU modules (`engine/cpu_modules.py`: one-call RMSNorm, the MLP's gate and up products in one pass)
-against the HF modules they replace, on the embedded model in one engine: the two module sets swapped in turn
-before each request (the order alternating), so the machine's drift reaches both. Prints per-request TTFT and the
-median decode step, and the median of the paired differences.
+"""longserve's CPU modules (`engine/cpu_modules.py`) against the HF modules they replace, on the embedded model in
+one engine, three sets swapped in turn before each request (the order rotating), so the machine's drift reaches
+all: HF's modules; HF's layers with longserve's one-call RMSNorm and one-pass gate-up MLP; longserve's decoder
+layers (those modules, one QKV product, RoPE in place, no HF wrappers). Every set runs its products on `CpuLinear`.
+Prints per-set medians of TTFT and of the decode step, and the median paired differences against HF's modules.
 
     .venv/bin/python benchmarks/bench_cpu_modules.py [--prompt 1024] [--tokens 24] [--repeats 8]
 """
@@ -18,7 +19,7 @@ from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 import engine.model_loader as model_loader
 from engine.config import EngineConfig
 from engine.cpu_linear import use_cpu_linears
-from engine.cpu_modules import CpuRMSNorm, GateUpMLP
+from engine.cpu_modules import CpuDecoderLayer, CpuRMSNorm, GateUpMLP
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -30,16 +31,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     args = ap.parse_args()
 
-    model_loader.use_cpu_modules = use_cpu_linears  # load the HF modules (their products on CpuLinear in both)
+    model_loader.use_cpu_modules = use_cpu_linears  # load the HF modules (their products on CpuLinear in all sets)
     engine = LLMEngine(EngineConfig(max_model_len=8192, kv_cache_memory=2.0, max_num_batched_tokens=2048))
     model = engine.runner.model.model
-    hf = [(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp) for layer in model.layers] + [model.norm]
-    ours = [(CpuRMSNorm(a), CpuRMSNorm(b), GateUpMLP(m)) for a, b, m in hf[:-1]] + [CpuRMSNorm(hf[-1])]
+    layers = torch.nn.ModuleList(model.layers)
+    hf = [(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp) for layer in layers]
+    ours = [(CpuRMSNorm(a), CpuRMSNorm(b), GateUpMLP(m)) for a, b, m in hf]
 
-    def use(modules: list) -> None:
-        for layer, (a, b, m) in zip(model.layers, modules[:-1]):
+    def set_modules(modules: list) -> None:
+        for layer, (a, b, m) in zip(layers, modules):
             layer.input_layernorm, layer.post_attention_layernorm, layer.mlp = a, b, m
-        model.norm = modules[-1]
+
+    set_modules(ours)
+    cpu_layers = torch.nn.ModuleList(CpuDecoderLayer(layer) for layer in layers)  # built on the CPU norms and MLPs
+    norms = {"HF": model.norm, "CPU": CpuRMSNorm(model.norm)}
+    sets = {"HF modules": (layers, hf, "HF"), "CPU norms and MLPs": (layers, ours, "CPU"),
+            "CPU decoder layers": (cpu_layers, ours, "CPU")}
+
+    def use(name: str) -> None:
+        stack, modules, norm = sets[name]
+        set_modules(modules)
+        model.layers, model.norm = stack, norms[norm]
 
     g = torch.Generator().manual_seed(0)
     sp = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
@@ -55,24 +67,23 @@ def main() -> None:
             steps.append(time.perf_counter() - start)
         return ttft, statistics.median(steps)
 
-    use(ours)
+    use("CPU decoder layers")
     request()  # warm-up
-    runs: dict[str, list[tuple[float, float]]] = {"HF modules": [], "cpu_modules": []}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sets}
     for rep in range(args.repeats):
-        for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
-            use(hf if name == "HF modules" else ours)
+        names = list(sets)
+        for name in names[rep % 3:] + names[: rep % 3]:
+            use(name)
             runs[name].append(request())
 
-    print(f"\n{args.prompt}-token prompt, {args.tokens} tokens, {args.repeats} interleaved repeats")
-    print("\n| modules | TTFT (median) | decode step (median) |\n|---|---|---|")
+    print(f"\n{args.prompt}-token prompt, {args.tokens} tokens, {args.repeats} rotating repeats")
+    print("\n| modules | TTFT (median) | decode step (median) | paired vs HF: TTFT | decode step |")
+    print("|---|---|---|---|---|")
     for name, r in runs.items():
         ttft, step = statistics.median(x[0] for x in r), statistics.median(x[1] for x in r)
-        print(f"| {name} | {ttft:.3f} s | {1e3 * step:.1f} ms |")
-    pairs = list(zip(runs["HF modules"], runs["cpu_modules"]))
-    ttft, step = (statistics.median(b[i] - a[i] for a, b in pairs) for i in (0, 1))
-    print(f"\nmedian paired difference (cpu_modules - HF modules): TTFT {ttft:+.3f} s, decode step {1e3 * step:+.1f} "
-          "ms")
-
+        pairs = list(zip(runs["HF modules"], r))
+        d_ttft, d_step = (statistics.median(b[i] - a[i] for a, b in pairs) for i in (0, 1))
+        print(f"| {name} | {ttft:.3f} s | {1e3 * step:.1f} ms | {d_ttft:+.3f} s | {1e3 * d_step:+.1f} ms |")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
 from engine.cpu_linear import CpuLinear, use_cpu_linears
-from engine.cpu_modules import CpuRMSNorm, GateUpMLP, use_cpu_modules
+from engine.cpu_modules import CpuDecoderLayer, CpuRMSNorm, CpuSelfAttention, GateUpMLP, use_cpu_modules
 from engine.llm_engine import LLMEngine
 from engine.model_loader import ModelLoadError, check_config, layer_windows, load_model
 from engine.sampling_params import SamplingParams
@@ -121,8 +121,8 @@ def test_cpu_linear_matches_nn_linear(bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_modules_match_the_hf_modules(bias):
-    """The norm bitwise; the MLP with its gate and up products as one to float32 rounding, through longserve's
-    kernel (up to 8 rows) and torch's matmul."""
+    """The norm (alone and after a residual add) and the MLP with its gate and up products as one, to float32
+    rounding; the MLP through longserve's kernel (up to 8 rows) and torch's matmul."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -137,19 +137,46 @@ def test_cpu_modules_match_the_hf_modules(bias):
     assert type(mlp.down_proj) is torch.nn.Linear
     for x in (torch.randn(1, 100), torch.randn(1, 5, 100), torch.randn(9, 100)):
         with torch.inference_mode():
-            assert torch.equal(model.norm(x), norm(x))
+            torch.testing.assert_close(model.norm(x), norm(x), atol=1e-5, rtol=1e-5)
+            residual = torch.randn_like(x)
+            h, normed = model.norm.add_and_norm(x, residual)
+            assert torch.equal(h, residual + x)
+            torch.testing.assert_close(normed, norm(residual + x), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.mlp(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_kernel_matches_hf():
+    """In place on the query and key heads of a fused QKV product (strided views), values left as they were."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from attention_backends.kernels import cpu_ext
+
+    torch.manual_seed(0)
+    T, D = 5, 64
+    qkv = torch.randn(T, 4 + 2 + 2, D)
+    angles = torch.randn(T, D // 2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q_ref, k_ref = apply_rotary_pos_emb(qkv[:, :4].transpose(0, 1), qkv[:, 4:6].transpose(0, 1), cos, sin,
+                                        unsqueeze_dim=0)
+    v = qkv[:, 6:].clone()
+    cpu_ext.load().rotary_inplace(qkv[:, :4], qkv[:, 4:6], cos, sin)
+    torch.testing.assert_close(qkv[:, :4], q_ref.transpose(0, 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(qkv[:, 4:6], k_ref.transpose(0, 1), atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, 6:], v)
+    with pytest.raises(RuntimeError, match="must match cos and sin"):
+        cpu_ext.load().rotary_inplace(qkv[:4, :4], qkv[:4, 4:6], cos, sin)
 
 
 def test_loaded_cpu_model_runs_cpu_modules(loaded):
     layers = loaded.config.num_hidden_layers
     modules = list(loaded.model.modules())
-    # q, k, v, o, gate+up, down per layer, and lm_head
-    assert sum(isinstance(m, CpuLinear) for m in modules) == 6 * layers + 1
+    # q+k+v, o, gate+up, down per layer, and lm_head
+    assert sum(isinstance(m, CpuLinear) for m in modules) == 4 * layers + 1
     assert sum(isinstance(m, CpuRMSNorm) for m in modules) == 2 * layers + 1
-    assert sum(isinstance(m, GateUpMLP) for m in modules) == layers
+    for kind in (GateUpMLP, CpuSelfAttention, CpuDecoderLayer):
+        assert sum(isinstance(m, kind) for m in modules) == layers
     assert not any(type(m) is torch.nn.Linear for m in modules)
-    assert not any(type(m).__module__.startswith("transformers.") and type(m).__name__.endswith(("RMSNorm", "MLP"))
-                   for m in modules)
+    assert not any(type(m).__module__.startswith("transformers.")
+                   and type(m).__name__.endswith(("RMSNorm", "MLP", "Attention", "DecoderLayer")) for m in modules)
     # the tied lm_head reads the embedding's weight, not a copy of it
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.get_input_embeddings().weight.data_ptr()

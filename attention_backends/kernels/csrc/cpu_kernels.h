@@ -213,6 +213,11 @@ inline void check_query_and_cache(const torch::Tensor& q, const torch::Tensor& k
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& weight,
                           const c10::optional<torch::Tensor>& bias);
 
+std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                                                  const c10::optional<torch::Tensor>& residual);
+
+void rotary_inplace(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, const torch::Tensor& sin);
+
 void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping);
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
