@@ -110,12 +110,14 @@ def test_cpp_decode_in_half_precision_matches_the_reference(monkeypatch, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_decode_at_the_head_dims_it_compiles_for(monkeypatch, layout, d, dtype):
-    # 64 and 128 take the kernel's fixed-width loops (the other tests' head dim 16 takes the general ones).
+@pytest.mark.parametrize("hq", [2, 6, 8, 10])
+def test_cpp_decode_at_the_head_dims_it_compiles_for(monkeypatch, layout, d, dtype, hq):
+    # 64 and 128 take the kernel's fixed-width loops (the other tests' head dim 16 takes the general ones); in float32
+    # on longserve's layout, 1 to 4 query heads per KV head take its register-blocked loops, 5 the general ones.
     monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
     lengths = [3, 600]
     kc, vc, seqs = filled(layout, lengths, d=d)
-    q = torch.randn(len(lengths), HQ, d)
+    q = torch.randn(len(lengths), hq, d)
     kc, vc, q = kc.to(dtype), vc.to(dtype), q.to(dtype)
     got = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, BS, [0, 5], [None, 300]), d**-0.5)
     for b, ((_, k, v), n) in enumerate(zip(seqs, lengths)):
