@@ -85,5 +85,6 @@ def main() -> None:
         d_ttft, d_step = (statistics.median(b[i] - a[i] for a, b in pairs) for i in (0, 1))
         print(f"| {name} | {ttft:.3f} s | {1e3 * step:.1f} ms | {d_ttft:+.3f} s | {1e3 * d_step:+.1f} ms |")
 
+
 if __name__ == "__main__":
     main()

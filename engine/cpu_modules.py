@@ -96,7 +96,7 @@ class CpuSelfAttention(torch.nn.Module):
         self._rotary = cpu_ext.load().rotary_inplace
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+                **kwargs: Any) -> torch.Tensor:
         lead = hidden_states.shape[:-1]  # [1, T]
         qkv = self.qkv_proj(hidden_states).view(*lead, -1, self.head_dim)
         q, k, v = qkv.split(self.split, dim=-2)
@@ -106,7 +106,7 @@ class CpuSelfAttention(torch.nn.Module):
         self._rotary(q[0], k[0], cos[0], sin[0])
         out, _ = longserve_attention(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
                                      scaling=self.scaling)
-        return self.o_proj(out.reshape(*lead, -1)), None
+        return self.o_proj(out.reshape(*lead, -1))
 
 
 class CpuDecoderLayer(torch.nn.Module):
@@ -121,7 +121,7 @@ class CpuDecoderLayer(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 **kwargs: Any) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings)[0]
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
         h, normed = self.post_attention_layernorm.add_and_norm(attn, hidden_states)
         return h + self.mlp(normed)
 

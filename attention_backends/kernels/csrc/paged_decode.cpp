@@ -44,7 +44,6 @@ inline void for_each_run(const Piece& w, int64_t sink, int64_t lo, int64_t bs, c
   }
 }
 
-
 // Scores of up to 16 consecutive keys of one block and KV head (channels contiguous, kD of them) for one query
 // vector. Each key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a transposing
 // tree, 15 shuffle-adds for 16 keys where summing each key's lanes alone takes 64. The tree leaves key t in lane
