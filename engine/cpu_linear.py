@@ -1,13 +1,12 @@
 """Linear layers of a model served on the CPU: a decode step's few rows at the speed its weights stream from memory.
 
 A decode step multiplies a handful of rows (one per sequence) by every weight of the model, so its linear layers
-take as long as reading those weights. torch's paths for so few rows (BLAS, or oneDNN on weights packed into its
-blocked layout) read them at 8-9 GB/s on this machine; longserve's C++ kernel (`linear_rows`, in
-`attention_backends/kernels/csrc/`) reads each row of the plain `[out, in]` weight once for every row of the batch
-at the machine's streaming rate (~18 GB/s; BENCHMARKS.md). More rows than it takes (prefill chunks, where the
-products are bound by arithmetic) go to torch's matmul on the same weight: one copy serves both, and a tied
-`lm_head` keeps sharing the embedding's.
-"""
+take as long as reading those weights, however many rows share the read. torch's matmul on the plain weight reads
+them at about that rate for one row but takes ~1.8x as long for 4 rows and ~2.2x for 8 (oneDNN on weights packed
+into its blocked layout reads 8-9 GB/s); longserve's C++ kernel (`linear_rows`, in `attention_backends/kernels/csrc/`)
+reads each tile of the plain `[out, in]` weight once for all the rows, near the machine's streaming rate (~20 GB/s)
+up to 8 rows (BENCHMARKS.md). More rows than it takes (prefill chunks, where the products are bound by arithmetic)
+go to torch's matmul on the same weight: one copy serves both, and a tied `lm_head` keeps sharing the embedding's."""
 
 from __future__ import annotations
 

@@ -2,22 +2,20 @@
 
 Each decode step runs every module of every layer for a handful of rows, so the number of calls, and the Python
 around them, is a good part of a step's time: HF's RMSNorm is eight torch ops (torch's own CPU `rms_norm` seven),
-its attention three products and a dozen ops of RoPE, its MLP two products where one would do, and its decoder
-layer's wrappers (argument deprecation, gradient checkpointing) run at every call. Here a norm is one kernel call
-(the residual add before it included), queries, keys and values one product over their stacked weights, RoPE one
-in-place kernel call, the MLP's gate and up products one pass over their stacked weights for a decode step's few
-rows (a prefill chunk's many rows run the two halves apart: the element-wise ops are faster on contiguous
-outputs), and a Llama-family decoder layer a plain forward over these. Results equal the HF modules' to float32
-rounding (the kernels sum in another order). A decode step at 1k takes 6-11 ms (10-15%) less than with HF's modules,
-a 1k prefill about 0.1 s (~5%) less (`benchmarks/bench_cpu_modules.py`, BENCHMARKS.md).
-"""
+its attention three products and a dozen ops of RoPE, its MLP two products and two element-wise ops where one of
+each would do, and its decoder layer's wrappers (argument deprecation, gradient checkpointing) run at every call.
+Here a norm is one kernel call (the residual add before it included), queries, keys and values one product over
+their stacked weights, RoPE one in-place kernel call, the MLP's gate and up products one product over their stacked
+weights and `silu(gate) * up` one kernel call over its rows (torch's two ops took ~6 ms a layer on a 2,048-token
+prefill chunk), and a Llama-family decoder layer a plain forward over these. Results equal the HF modules' to
+float32 rounding (the kernels sum in another order). A decode step at 1k takes 6-11 ms (10-15%) less than with HF's
+modules; a prefill 5-14% less (`benchmarks/bench_cpu_modules.py`, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.activations import SiLUActivation
 
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION, longserve_attention
@@ -60,24 +58,17 @@ def _stacked(*linears: torch.nn.Module) -> CpuLinear:
 
 
 class GateUpMLP(torch.nn.Module):
-    """A SiLU-gated MLP, `down(silu(gate(x)) * up(x))`, with the gate and up products as one."""
+    """A SiLU-gated MLP, `down(silu(gate(x)) * up(x))`: the gate and up products as one, and `silu(gate) * up` one
+    kernel call over its rows."""
 
     def __init__(self, mlp: torch.nn.Module) -> None:
         super().__init__()
-        self.intermediate = mlp.gate_proj.out_features
         self.gate_up_proj = _stacked(mlp.gate_proj, mlp.up_proj)
         self.down_proj = mlp.down_proj
+        self._silu_and_mul = cpu_ext.load().silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.intermediate
-        if x.numel() // self.gate_up_proj.in_features <= self.gate_up_proj.max_rows:  # one pass over both weights
-            gate_up = self.gate_up_proj(x)
-            gate, up = gate_up[..., :n], gate_up[..., n:]
-        else:  # many rows: two products into contiguous outputs (the element-wise ops run faster on them)
-            w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
-            gate = F.linear(x, w[:n], None if b is None else b[:n])
-            up = F.linear(x, w[n:], None if b is None else b[n:])
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
 
 
 class CpuSelfAttention(torch.nn.Module):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
@@ -106,15 +107,19 @@ def test_max_model_len_must_fit_the_pool(loaded):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_linear_matches_nn_linear(bias):
-    """Up to 8 rows through longserve's kernel, more through torch's matmul: `nn.Linear`'s products to float32
-    rounding, any leading shape, strided input."""
+    """Up to `max_rows` rows through longserve's kernel (every count of rows in a pass, and two passes over a weight
+    tile), more through torch's matmul: `nn.Linear`'s products to float32 rounding, any leading shape, strided
+    input."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(100, 83, bias=bias)  # 100: not a multiple of the kernel's 8-wide steps
+    # 100 inputs: not a multiple of the kernel's 16-wide steps; 83 outputs: a last tile, and columns left over after
+    # every pass's weight rows
+    linear = torch.nn.Linear(100, 83, bias=bias)
     model = torch.nn.Sequential(linear)
     assert use_cpu_linears(model) == 1 and isinstance(model[0], CpuLinear)
     assert model[0].weight is linear.weight
-    for x in (torch.randn(1, 100), torch.randn(1, 3, 100), torch.randn(8, 100), torch.randn(9, 100),
-              torch.randn(3, 7, 100), torch.randn(5, 200)[:, ::2]):
+    assert model[0].max_rows == 16
+    rows = [torch.randn(m, 100) for m in range(1, model[0].max_rows + 2)]
+    for x in (*rows, torch.randn(1, 3, 100), torch.randn(3, 7, 100), torch.randn(5, 200)[:, ::2]):
         with torch.inference_mode():
             torch.testing.assert_close(model(x), linear(x), atol=1e-5, rtol=1e-5)
 
@@ -122,7 +127,7 @@ def test_cpu_linear_matches_nn_linear(bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_modules_match_the_hf_modules(bias):
     """The norm (alone and after a residual add) and the MLP with its gate and up products as one, to float32
-    rounding; the MLP through longserve's kernel (up to 8 rows) and torch's matmul."""
+    rounding; the MLP through longserve's kernel (up to 16 rows) and torch's matmul."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -135,7 +140,7 @@ def test_cpu_modules_match_the_hf_modules(bias):
     assert isinstance(model.norm, CpuRMSNorm) and isinstance(model.mlp, GateUpMLP)
     assert isinstance(model.mlp.gate_up_proj, CpuLinear) and isinstance(model.mlp.down_proj, CpuLinear)
     assert type(mlp.down_proj) is torch.nn.Linear
-    for x in (torch.randn(1, 100), torch.randn(1, 5, 100), torch.randn(9, 100)):
+    for x in (torch.randn(1, 100), torch.randn(1, 5, 100), torch.randn(9, 100), torch.randn(17, 100)):
         with torch.inference_mode():
             torch.testing.assert_close(model.norm(x), norm(x), atol=1e-5, rtol=1e-5)
             residual = torch.randn_like(x)
@@ -143,6 +148,20 @@ def test_cpu_modules_match_the_hf_modules(bias):
             assert torch.equal(h, residual + x)
             torch.testing.assert_close(normed, norm(residual + x), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(model.mlp(x), mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_silu_and_mul_kernel_matches_torch():
+    """`silu(gate) * up` over rows of gate values then up values, to float32 rounding, at the exponential's limits
+    (large magnitudes of either sign, zeros, subnormals) too."""
+    from attention_backends.kernels import cpu_ext
+
+    torch.manual_seed(0)
+    gate_up = torch.randn(2, 7, 2 * 37) * 4  # 37: not a multiple of the vector width
+    gate_up[0, 0, :9] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-40, -1e-40, 88.0, -88.0, -200.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = cpu_ext.load().silu_and_mul(gate_up)
+    assert out.shape == (2, 7, 37)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-6, rtol=1e-6)
 
 
 def test_rotary_kernel_matches_hf():

@@ -9,6 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("max_linear_rows") = longserve::kMaxLinearRows;
   m.def("rms_norm", &longserve::rms_norm, "RMSNorm over rows, after adding a residual if one is given",
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+  m.def("silu_and_mul", &longserve::silu_and_mul, "silu(gate) * up from rows of gate values followed by up values");
   m.def("rotary_inplace", &longserve::rotary_inplace, "rotary position embedding on queries and keys, in place");
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
   m.def("paged_decode", &longserve::paged_decode, "paged decode over sinks and a band, read in place");

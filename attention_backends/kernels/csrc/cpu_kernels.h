@@ -25,7 +25,7 @@ namespace longserve {
 constexpr int64_t kSpan = 512;  // keys per piece of work: enough to amortise the merge, small enough to split 8k
 constexpr int64_t kMaxDim = 256;
 constexpr int64_t kMergeGrain = 64;  // query heads merged per task: a decode step's few merge on the calling thread
-constexpr int64_t kMaxLinearRows = 8;  // rows `linear_rows` takes: a weight read serves all of them
+constexpr int64_t kMaxLinearRows = 16;  // rows `linear_rows` takes: a weight read serves all of them
 
 struct Strides {
   int64_t block, pos, head, dim;
@@ -215,6 +215,8 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& weight,
 
 std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                                   const c10::optional<torch::Tensor>& residual);
+
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 
 void rotary_inplace(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, const torch::Tensor& sin);
 

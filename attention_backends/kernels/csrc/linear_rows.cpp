@@ -1,9 +1,13 @@
 // A linear layer for a few rows on the CPU: y [M, out] = x [M, in] W^T (+ bias), W the plain [out, in] weight.
 //
 // With a handful of rows (a decode step's sequences) a linear layer reads its whole weight to do little arithmetic
-// with it, so it runs at the speed the weight streams from memory. Each weight row is read once, front to back,
-// for every row of x at once; a few weight rows go side by side, sequential streams the hardware prefetcher
-// follows (software prefetch measured slower). The output rows are split over the cores.
+// with it, so it should run at the speed the weight streams from memory, however many rows share the read. The
+// output columns go in tiles of kTile weight rows: a tile is read from memory once (kR rows side by side,
+// sequential streams the hardware prefetcher follows; software prefetch measured slower) and then serves every
+// group of up to 8 rows of x from the core's cache. Within a group each weight vector loaded is used by all the
+// group's rows and each row vector by kR weight rows, with the M x kR sums in registers: with fewer sums in flight
+// the loop waits on loads and on the sums' own latency (the previous kernel, one accumulator per row and weight
+// row, ran 4 rows at half the streaming rate).
 
 #include <ATen/Parallel.h>
 
@@ -12,49 +16,48 @@
 namespace longserve {
 namespace {
 
-using Lanes8 = float __attribute__((vector_size(32)));  // one AVX2 register, two SSE or NEON ones
+constexpr int64_t kGroup = 8;  // rows of x per pass over a tile
+constexpr int64_t kTile = 24;  // weight rows per tile: a multiple of every kR below
 
-inline Lanes8 load8(const float* p) {
-  Lanes8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+// Weight rows per pass for M rows: the M * kR sums, kR weight vectors and one row vector fit the 32 vector
+// registers of AVX-512 (on AVX2 each value takes two of its 16 and some sums spill).
+template <int M>
+constexpr int kR = M <= 2 ? 8 : M <= 4 ? 4 : 3;
 
-inline float sum8(Lanes8 v) {
-  const auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  return a[0] + a[1] + a[2] + a[3];
-}
-
-// Output columns [o0, o1) for all M rows of x, R weight rows at a time.
-template <int M, int R>
+// y[m, o] for the M rows of x and output columns [o0, o1).
+template <int M>
 void columns(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t in, int64_t out,
              int64_t o0, int64_t o1) {
-  const int64_t body = in - in % 8;
-  for (int64_t o = o0; o < o1; o += R) {
-    const int64_t n = std::min<int64_t>(R, o1 - o);
-    Lanes8 acc[M][R] = {};
-    for (int64_t i = 0; i < body; i += 8) {
+  constexpr int R = kR<M>;
+  const int64_t body = in - in % 16;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    Lanes acc[M][R] = {};
+    for (int64_t i = 0; i < body; i += 16) {
+      Lanes wv[R];
       for (int r = 0; r < R; ++r) {
-        if (r == n) break;
-        const Lanes8 wv = load8(w + (o + r) * in + i);
-        for (int m = 0; m < M; ++m) acc[m][r] += wv * load8(x + m * in + i);
+        wv[r] = load_lanes(w + (o + r) * in + i);
+        if constexpr (M > 1) __builtin_prefetch(w + (o + R + r) * in + i, 0, 3);
+      }
+      for (int m = 0; m < M; ++m) {
+        const Lanes xv = load_lanes(x + m * in + i);
+        for (int r = 0; r < R; ++r) acc[m][r] += wv[r] * xv;
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < n; ++r) {
-        float s = sum8(acc[m][r]);
+      for (int r = 0; r < R; ++r) {
+        float s = sum_lanes(acc[m][r]);
         for (int64_t i = body; i < in; ++i) s += x[m * in + i] * w[(o + r) * in + i];
         y[m * out + o + r] = s;
       }
   }
+  for (; o < o1; ++o)  // the last few columns of the weight
+    for (int m = 0; m < M; ++m) y[m * out + o] = dot<0>(x + m * in, w + o * in, in);
 }
 
-template <int M, int R>
-void run(const float* x, const float* w, float* y, int64_t in, int64_t out) {
-  at::parallel_for(0, (out + R - 1) / R, 32, [&](int64_t begin, int64_t end) {
-    columns<M, R>(x, w, y, in, out, begin * R, std::min(out, end * R));
-  });
-}
+using Columns = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr Columns kColumns[kGroup] = {columns<1>, columns<2>, columns<3>, columns<4>,
+                                      columns<5>, columns<6>, columns<7>, columns<8>};
 
 }  // namespace
 
@@ -71,17 +74,15 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& weight,
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Accumulators M x R stay within the 16 vector registers of AVX2.
-  switch (M) {
-    case 1: run<1, 4>(xp, wp, yp, in, out); break;
-    case 2: run<2, 4>(xp, wp, yp, in, out); break;
-    case 3: run<3, 2>(xp, wp, yp, in, out); break;
-    case 4: run<4, 2>(xp, wp, yp, in, out); break;
-    case 5: run<5, 1>(xp, wp, yp, in, out); break;
-    case 6: run<6, 1>(xp, wp, yp, in, out); break;
-    case 7: run<7, 1>(xp, wp, yp, in, out); break;
-    default: run<8, 1>(xp, wp, yp, in, out); break;
-  }
+  at::parallel_for(0, (out + kTile - 1) / kTile, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = t * kTile, o1 = std::min(out, o0 + kTile);
+      for (int64_t m = 0; m < M; m += kGroup) {
+        const int64_t rows = std::min(kGroup, M - m);
+        kColumns[rows - 1](xp + m * in, wp, yp + m * out, in, out, o0, o1);
+      }
+    }
+  });
   if (bias.has_value()) y.add_(*bias);
   return y;
 }
