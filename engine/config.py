@@ -15,7 +15,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_num_batched_tokens: int = 4096
     max_num_seqs: int = 64
-    # Cap on one prefill's chunk while other prefills wait; 0: a quarter of the token budget.
+    # Cap on one prefill's chunk while other prefills wait, so a long prompt cannot hold back short ones; 0 (vLLM's
+    # default): none, first come first served.
     long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     attention_backend: str = "dense"
@@ -31,5 +32,5 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         if self.num_kv_blocks is None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
-        if self.long_prefill_token_threshold <= 0:
-            self.long_prefill_token_threshold = max(self.block_size, self.max_num_batched_tokens // 4)
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")

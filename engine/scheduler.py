@@ -46,7 +46,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        contended = self._num_prefilling() > 1
+        contended = self.config.long_prefill_token_threshold > 0 and self._num_prefilling() > 1
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

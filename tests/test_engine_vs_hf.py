@@ -116,6 +116,16 @@ def test_packed_mixed_step_logits(make_engine, prompts, hf_reference):
     assert len(rows) >= 2
 
 
+@pytest.mark.parametrize("threshold, chunks", [(0, [64]), (40, [40, 24])])
+def test_long_prefill_token_threshold(make_engine, prompts, threshold, chunks):
+    """vLLM's meaning: 0 (the default) caps nothing, prompts prefill first come first served; a threshold caps each
+    prefill's chunk while another prefill waits."""
+    engine = make_engine(max_num_batched_tokens=64, long_prefill_token_threshold=threshold)
+    for p in (prompts[3][:100], prompts[2][:70]):
+        engine.add_request(p, GREEDY)
+    assert [n for _, n in engine.scheduler.schedule().scheduled] == chunks
+
+
 def test_abort_frees_blocks_at_once(make_engine, prompts):
     engine = make_engine()
     rid = engine.add_request(prompts[4], SamplingParams(max_tokens=8))
