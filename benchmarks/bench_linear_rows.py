@@ -1,7 +1,7 @@
 """A decode step's linear layers on the embedded model's shapes: every product of the 30 layers (stacked q/k/v,
 o, stacked gate/up, down) and the `lm_head`, for a batch of 1 to 16 rows (the decoding sequences), through
 longserve's C++ kernel (`linear_rows`) and through torch's matmul on the same plain weights, in the same process.
-Each repeat runs all the weights in turn, as a step does, so they come from memory (537 MB) rather than the cache.
+Each repeat runs all the weights in turn, as a step does, so they come from memory (538 MB) rather than the cache.
 Prints medians of interleaved repeats, the weight bytes read per second, and the ratio to one row's time: the
 weights are read once per step however many rows share them, so a kernel that streams them keeps that ratio near 1.
 

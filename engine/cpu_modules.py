@@ -9,7 +9,7 @@ their stacked weights, RoPE one in-place kernel call, the MLP's gate and up prod
 weights and `silu(gate) * up` one kernel call over its rows (torch's two ops took ~6 ms a layer on a 2,048-token
 prefill chunk), and a Llama-family decoder layer a plain forward over these. Results equal the HF modules' to
 float32 rounding (the kernels sum in another order). A decode step at 1k takes 6-11 ms (10-15%) less than with HF's
-modules; a prefill 5-14% less (`benchmarks/bench_cpu_modules.py`, BENCHMARKS.md)."""
+modules; a prefill 6-9% less at 1k-2k (`benchmarks/bench_cpu_modules.py`, BENCHMARKS.md)."""
 
 from __future__ import annotations
 

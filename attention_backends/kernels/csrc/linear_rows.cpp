@@ -3,11 +3,12 @@
 // With a handful of rows (a decode step's sequences) a linear layer reads its whole weight to do little arithmetic
 // with it, so it should run at the speed the weight streams from memory, however many rows share the read. The
 // output columns go in tiles of kTile weight rows: a tile is read from memory once (kR rows side by side,
-// sequential streams the hardware prefetcher follows; software prefetch measured slower) and then serves every
-// group of up to 8 rows of x from the core's cache. Within a group each weight vector loaded is used by all the
-// group's rows and each row vector by kR weight rows, with the M x kR sums in registers: with fewer sums in flight
-// the loop waits on loads and on the sums' own latency (the previous kernel, one accumulator per row and weight
-// row, ran 4 rows at half the streaming rate).
+// sequential streams the hardware prefetcher follows alone for one row of x; with more rows each pass computes
+// longer, and prefetching the next kR weight rows during it keeps the reads ahead) and then serves every group of
+// up to 8 rows of x from the core's cache. Within a group each weight vector loaded is used by all the group's rows
+// and each row vector by kR weight rows, with the M x kR sums in registers: with fewer sums in flight the loop
+// waits on loads and on the sums' own latency (one accumulator per row and weight row ran 4 rows at half the
+// streaming rate).
 
 #include <ATen/Parallel.h>
 
