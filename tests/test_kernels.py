@@ -149,10 +149,12 @@ PREFILL = {  # name: (cached tokens before the chunk, chunk, sinks, lo, window)
 }
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "cache-only"])
 @pytest.mark.parametrize("case", PREFILL)
-def test_prefill_over_key_ranges(layout, fresh, case):
+def test_prefill_over_key_ranges(monkeypatch, kernels, layout, fresh, case):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
     cached, t, sinks, lo, window = PREFILL[case]
     kc, vc, [(table, k, v)] = filled(layout, [cached + t])
     q = torch.randn(HQ, t, D)
@@ -163,6 +165,59 @@ def test_prefill_over_key_ranges(layout, fresh, case):
     in_band = (kpos >= lo) & ((qpos - kpos < window) if window else True)
     want = masked_attention(q, k, v, (kpos <= qpos) & ((kpos < sinks) | in_band), SCALE)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+CPP_PREFILL = {  # name: (query heads, KV heads, head dim, dtype, (cached, chunk, sinks, lo, window))
+    # The embedded model's geometry: 16 positions a group of rows, four groups a task, so this chunk is four tasks
+    # a KV head, and its last task is a group and a bit, the bit's rows padded.
+    "embedded-after-cache": (9, 3, 64, torch.float32, (150, 200, 0, 0, None)),
+    "embedded-window-and-sinks": (9, 3, 64, torch.float32, (150, 200, 4, 0, 70)),
+    "one-query-head-a-group": (4, 4, 20, torch.float32, (30, 170, 0, 0, None)),  # 48 positions; channels 8 + 8 + 4
+    "seven-query-heads-a-group": (7, 1, 16, torch.float32, (0, 50, 0, 0, None)),  # 6 positions: 42 of 48 rows
+    "anchor-and-band": (6, 2, 32, torch.float32, (100, 90, 32, 64, 40)),
+    "bfloat16": (9, 3, 64, torch.bfloat16, (40, 100, 0, 0, None)),
+}
+
+
+@pytest.mark.parametrize("case", CPP_PREFILL)
+def test_cpp_prefill_at_model_sizes(monkeypatch, case):
+    """The C++ kernel's tiling (groups of 48 rows, tasks of four groups, tiles of 64 keys from scattered blocks)
+    against the explicit reference."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    hq, hkv, d, dtype, (cached, t, sinks, lo, window) = CPP_PREFILL[case]
+    n = cached + t
+    g = torch.Generator().manual_seed(3)
+    nb = n // BS + 4
+    table = torch.randperm(nb - 1, generator=g)[: -(-n // BS)] + 1
+    k, v = (torch.randn(hkv, n, d, generator=g).to(dtype) for _ in range(2))
+    kc, vc = torch.zeros(nb, BS, hkv, d, dtype=dtype), torch.zeros(nb, BS, hkv, d, dtype=dtype)
+    write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, BS))
+    q = torch.randn(t, hq, d, generator=g).to(dtype).transpose(0, 1)  # the model's layout: a strided view
+    got = paged_prefill(q, kc, vc, table, prefill_plan(cached, t, sinks=sinks, lo=lo, window=window, dtype=dtype),
+                        d**-0.5)
+    qpos, kpos = torch.arange(cached, n)[:, None], torch.arange(n)
+    in_band = (kpos >= lo) & ((qpos - kpos < window) if window else True)
+    want = masked_attention(q.float(), k.float(), v.float(), (kpos <= qpos) & ((kpos < sinks) | in_band), d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_cpp_prefill_refuses_bad_tables_and_groups(monkeypatch):
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    from attention_backends.kernels import cpu_ext
+
+    prefill = cpu_ext.load().paged_prefill
+    kc, vc, [(table, _, _)] = filled("contiguous", [40])
+    q = torch.randn(HQ, 8, D)
+    with pytest.raises(RuntimeError, match="shorter than the chunk's end"):
+        prefill(torch.empty_like(q), q, kc, vc, table[:2].int(), 32, 0, 0, -1, SCALE)
+    bad = table.int().clone()
+    bad[1] = NB
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        prefill(torch.empty_like(q), q, kc, vc, bad, 32, 0, 0, -1, SCALE)
+    q = torch.randn(49 * HKV, 8, D)
+    with pytest.raises(RuntimeError, match="at most 48 per KV head"):
+        prefill(torch.empty_like(q), q, kc, vc, table.int(), 32, 0, 0, -1, SCALE)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

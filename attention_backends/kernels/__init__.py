@@ -11,6 +11,7 @@ this package imports the engine or `kv_cache`.
 - `topk.py`: which keys a scored row keeps, Loki's low-rank scores, and Loki's decode (score, keep, attend) as one op.
 - `block_sparse.py`: InfLLM-V2's compressed keys, block selection and block-sparse prefill and decode.
 - `merge.py`: attention over a shard of the keys with its log-sum-exp, and the exact merge of shards.
-- `csrc/` (built by `cpu_ext.py`): C++ CPU kernels for the hot ops (paged decode, Loki's decode, cache writes),
+- `csrc/` (built by `cpu_ext.py`): C++ CPU kernels for the hot ops (paged decode and prefill, Loki's decode, cache
+  writes),
   chosen over the reference by `dispatch.py`.
 """

@@ -6,7 +6,8 @@ SWAA's band with sink tokens; `sinks` = anchor and `lo` = its block's start is S
 plan, built once per step and shared by every layer, reads only the visible keys: the sink keys, then the
 band from the first query's window start. With a window, queries run in tiles so that each tile reads its
 own band, never the whole context. A step's chunks go together in a `PrefillBatch`, which the Triton kernel
-(`triton_prefill.py`) runs in one launch.
+(`triton_prefill.py`) runs in one launch; on the CPU the C++ kernel (`csrc/paged_prefill.cpp`) runs each chunk
+over the cache in place, with the same visibility and no mask or gathered copy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_backends.kernels.dispatch import check_ids, use_triton
+from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.merge import merge_attention_states
 from attention_backends.kernels.paged import gather_range, sdpa
 
@@ -39,8 +40,8 @@ class PrefillTile:
 @dataclass(frozen=True, slots=True)
 class PrefillPlan:
     """A chunk of `length` queries from position `start` and what they see (`sinks`, `lo`, `window`). The reference
-    reads the key list positions `[0, sink_keys)` and `[band_lo, start + length)`, in `tiles` of it (none when the
-    Triton kernel runs the chunk)."""
+    reads the key list positions `[0, sink_keys)` and `[band_lo, start + length)`, in `tiles` of it (none when a
+    `kernel`, "triton" or "cpp", runs the chunk)."""
 
     start: int
     length: int
@@ -50,6 +51,7 @@ class PrefillPlan:
     sink_keys: int
     band_lo: int
     tiles: tuple[PrefillTile, ...]
+    kernel: str | None = None
 
 
 def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window: int | None = None,
@@ -58,8 +60,9 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
         window = None
     band_lo = max(lo, start - window + 1, 0) if window is not None else lo
     sink_keys = min(sinks, band_lo)
-    if use_triton(device):
-        return PrefillPlan(start, length, sinks, lo, window, sink_keys, band_lo, ())
+    for kernel, chosen in (("triton", use_triton), ("cpp", use_cpp)):
+        if chosen(device):
+            return PrefillPlan(start, length, sinks, lo, window, sink_keys, band_lo, (), kernel)
     positions = torch.cat([torch.arange(sink_keys), torch.arange(band_lo, start + length)])
     tile_rows = TILE if window is not None else length
     on_cpu = torch.device(device).type == "cpu"
@@ -91,7 +94,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   ) -> torch.Tensor:
     """q `[H_q, T, D]` at positions `plan.start..`, over its visible keys read through the block table (the
     chunk's own ones from `fresh` `[H_kv, T, D]`, when given: what the cache holds there) -> `[H_q, T, D]`."""
-    if not plan.tiles:  # planned for the Triton kernel
+    if plan.kernel is not None:
         out = torch.empty_like(q)
         batch = prefill_batch([(0, block_table, plan)], q.shape[0] // k_cache.shape[2], q.device)
         prefill_into(out, q, None, None, k_cache, v_cache, batch, scale)
@@ -162,8 +165,10 @@ def prefill_batch(chunks: Sequence[tuple[int, torch.Tensor, PrefillPlan]], group
                   device: torch.device | str = "cpu", num_blocks: int | None = None) -> PrefillBatch:
     """Chunks attended together; `group` is the model's query heads per KV head (it sets the Triton tile)."""
     chunks = list(chunks)
-    if not chunks or not use_triton(device):
-        return PrefillBatch(chunks)
+    if not chunks or chunks[0][2].kernel != "triton":
+        # The C++ kernel reads int32 block ids; converted once here, not at every layer.
+        return PrefillBatch([(row, table.to(torch.int32).contiguous() if plan.kernel == "cpp" else table, plan)
+                             for row, table, plan in chunks])
     from attention_backends.kernels.triton_prefill import block_q
 
     width = max(len(table) for _, table, _ in chunks)
@@ -190,5 +195,12 @@ def prefill_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v: 
         return
     for row, table, plan in batch.chunks:
         rows = slice(row, row + plan.length)
+        if plan.kernel == "cpp":
+            from attention_backends.kernels import cpu_ext
+
+            window = -1 if plan.window is None else plan.window
+            cpu_ext.load().paged_prefill(out[:, rows], q[:, rows], k_cache, v_cache, table, plan.start, plan.sinks,
+                                         plan.lo, window, scale)
+            continue
         fresh = None if k is None else (k[:, rows], v[:, rows])
         out[:, rows] = paged_prefill(q[:, rows], k_cache, v_cache, table, plan, scale, fresh)

@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace", &longserve::rotary_inplace, "rotary position embedding on queries and keys, in place");
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
   m.def("paged_decode", &longserve::paged_decode, "paged decode over sinks and a band, read in place");
+  m.def("paged_prefill", &longserve::paged_prefill,
+        "a chunk's queries over the keys each sees (sinks, a band, causal), read in place, into out");
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,
         "decode over each key set's top keys by low-rank scores, read in place");
 }

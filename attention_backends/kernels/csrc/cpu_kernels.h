@@ -156,11 +156,14 @@ inline std::pair<float, float> exponentiate(float* __restrict s, int64_t n) {
 // Room for n elements of T, owned by the calling thread and kept from call to call: a step's buffers, made afresh,
 // would be zeroed and page-faulted in at every layer. Each use in a kernel names its own `kUse`: the thread that
 // calls a kernel also runs pieces of its parallel loops.
+// Aligned to 64 bytes, so that a vector load from it never straddles two cache lines.
 template <typename T, int kUse>
 inline T* scratch(int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(T);
   thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
+  if (static_cast<int64_t>(buffer.size()) < n + kPad) buffer.resize(n + kPad);
+  const auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((address + 63) & ~std::uintptr_t{63});
 }
 
 // Into the first-level cache: what is prefetched is read a block or two later (into the second level only, a layer's
@@ -226,6 +229,10 @@ void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tenso
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& tables, const torch::Tensor& ranges, double scale);
+
+void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                   const torch::Tensor& v_cache, const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo,
+                   int64_t window, double scale);
 
 torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
                                   const torch::Tensor& v_cache, const torch::Tensor& tables,
