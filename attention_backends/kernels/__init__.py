@@ -12,6 +12,5 @@ this package imports the engine or `kv_cache`.
 - `block_sparse.py`: InfLLM-V2's compressed keys, block selection and block-sparse prefill and decode.
 - `merge.py`: attention over a shard of the keys with its log-sum-exp, and the exact merge of shards.
 - `csrc/` (built by `cpu_ext.py`): C++ CPU kernels for the hot ops (paged decode and prefill, Loki's decode, cache
-  writes),
-  chosen over the reference by `dispatch.py`.
+  writes), chosen over the reference by `dispatch.py`.
 """
