@@ -44,25 +44,36 @@ struct Group {
   int64_t a_max = 0, b_min = 0, hi_max = 0, a_min = 0, b_max = 0, hi_min = 0;
 };
 
+// acc[j][v] += x(j) * row[16 v ..] for j < kN: one rank-1 step of either product, kN broadcast values against a
+// row of a group's lanes.
+template <int kN, typename X>
+inline void add_outer(Lanes (&acc)[kN][kVecs], const float* __restrict row, X&& x) {
+  Lanes r[kVecs];
+#pragma GCC unroll 4
+  for (int v = 0; v < kVecs; ++v) r[v] = load_lanes(row + 16 * v);
+#pragma GCC unroll 8
+  for (int j = 0; j < kN; ++j) {
+    const float xj = x(j);
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) acc[j][v] += xj * r[v];
+  }
+}
+
+template <int kN>
+inline void store_rows(const Lanes (&acc)[kN][kVecs], float* __restrict dst) {
+  for (int j = 0; j < kN; ++j)
+    for (int v = 0; v < kVecs; ++v) std::memcpy(dst + j * kRows + 16 * v, &acc[j][v], sizeof(Lanes));
+}
+
 // s[t][r] = sum over d of k_t[d] * qt[d][r], for n keys (a multiple of kKeyStep).
 template <typename scalar_t>
 inline void score_tile(const float* __restrict qt, const scalar_t* const* keys, int64_t kdim, int64_t D, int64_t n,
                        float* __restrict s) {
   for (int64_t t0 = 0; t0 < n; t0 += kKeyStep) {
     Lanes acc[kKeyStep][kVecs] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      Lanes q[kVecs];
-#pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) q[v] = load_lanes(qt + d * kRows + 16 * v);
-#pragma GCC unroll 8
-      for (int j = 0; j < kKeyStep; ++j) {
-        const float kd = as_float(keys[t0 + j][d * kdim]);
-#pragma GCC unroll 4
-        for (int v = 0; v < kVecs; ++v) acc[j][v] += kd * q[v];
-      }
-    }
-    for (int j = 0; j < kKeyStep; ++j)
-      for (int v = 0; v < kVecs; ++v) std::memcpy(s + (t0 + j) * kRows + 16 * v, &acc[j][v], sizeof(Lanes));
+    for (int64_t d = 0; d < D; ++d)
+      add_outer(acc, qt + d * kRows, [&](int j) { return as_float(keys[t0 + j][d * kdim]); });
+    store_rows(acc, s + t0 * kRows);
   }
 }
 
@@ -74,19 +85,9 @@ inline void add_values_pass(float* __restrict ot, const float* __restrict scale,
   for (int v = 0; v < kVecs; ++v) f[v] = load_lanes(scale + 16 * v);
   for (int j = 0; j < kN; ++j)
     for (int v = 0; v < kVecs; ++v) acc[j][v] = load_lanes(ot + (d0 + j) * kRows + 16 * v) * f[v];
-  for (int64_t t = 0; t < n; ++t) {
-    Lanes pt[kVecs];
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) pt[v] = load_lanes(p + t * kRows + 16 * v);
-#pragma GCC unroll 8
-    for (int j = 0; j < kN; ++j) {
-      const float vd = as_float(values[t][(d0 + j) * vdim]);
-#pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) acc[j][v] += vd * pt[v];
-    }
-  }
-  for (int j = 0; j < kN; ++j)
-    for (int v = 0; v < kVecs; ++v) std::memcpy(ot + (d0 + j) * kRows + 16 * v, &acc[j][v], sizeof(Lanes));
+  for (int64_t t = 0; t < n; ++t)
+    add_outer(acc, p + t * kRows, [&](int j) { return as_float(values[t][(d0 + j) * vdim]); });
+  store_rows(acc, ot + d0 * kRows);
 }
 
 template <typename scalar_t>
