@@ -72,7 +72,8 @@ class Sampler:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             vocab = logits.shape[-1]
             ranks = torch.arange(vocab).unsqueeze(0)
-            k = torch.tensor([k or vocab for k in top_k]).unsqueeze(1)
+            # A top_k past the vocabulary keeps every token (and any int fits the tensor once clamped).
+            k = torch.tensor([min(k, vocab) if k else vocab for k in top_k]).unsqueeze(1)
             drop = ranks >= k
             cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).

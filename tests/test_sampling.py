@@ -45,6 +45,16 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
     assert other[0].token_ids != alone
 
 
+def test_top_k_past_the_vocabulary_keeps_every_token(make_engine):
+    # Found by the schema fuzzer: top_k = 2**63 passed validation and overflowed the sampler's int64 tensor.
+    engine = make_engine()
+    prompt = "Write a short story about a lighthouse keeper."
+    runs = [engine.generate([prompt], SamplingParams(temperature=1.0, top_k=k, seed=7, max_tokens=12,
+                                                     ignore_eos=True))[0].token_ids
+            for k in (0, 2**63, 10**6)]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 def test_penalties_min_p_and_logprobs(make_engine):
     engine = make_engine()
     sp = SamplingParams(temperature=0.8, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5,
@@ -103,6 +113,8 @@ def test_request_validation(make_engine):
         engine.add_request([], SamplingParams())
     with pytest.raises(ValueError, match="maximum context length is 4096"):
         engine.add_request([1] * 4000, SamplingParams(max_tokens=200))
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 49152\)"):
+        engine.add_request("hi", SamplingParams(stop_token_ids=[49152], min_tokens=2))
     with pytest.raises(BackendError, match="registered: dense"):
         engine.add_request("hi", attention_backend="nope")
     with pytest.raises(BackendError, match="invalid attention_params"):
