@@ -181,7 +181,7 @@ CPP_PREFILL = {  # name: (query heads, KV heads, head dim, dtype, (cached, chunk
 
 @pytest.mark.parametrize("case", CPP_PREFILL)
 def test_cpp_prefill_at_model_sizes(monkeypatch, case):
-    """The C++ kernel's tiling (groups of 48 rows, tasks of four groups, tiles of 64 keys from scattered blocks)
+    """The C++ kernel's tiling (groups of 48 rows, tasks of four groups, tiles of 128 keys from scattered blocks)
     against the explicit reference."""
     monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
     hq, hkv, d, dtype, (cached, t, sinks, lo, window) = CPP_PREFILL[case]

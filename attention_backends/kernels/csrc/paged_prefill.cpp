@@ -9,8 +9,8 @@
 // vectors. What the online softmax keeps per row (its max, its sum, the factor that rescales its output) is then a
 // vector; a tile's scores are a key's channel broadcast times the queries' transposed channel, so keys are read in
 // place in any layout and never transposed; its values go the same way into the transposed output. A task runs
-// up to four groups of positions over each tile of 64 keys, so a tile read from memory serves 192 rows (eight
-// groups, or prefetching the next tile, measured no faster: the loops are bound by arithmetic). On the embedded
+// up to four groups of positions over each tile of 128 keys, so a tile read from memory serves 192 rows (eight
+// groups, 64-key tiles, or prefetching the next tile, measured no faster: the loops are bound by arithmetic). On the embedded
 // model's geometry it takes 0.65-0.89x the time of torch's flash attention per chunk, 0.76x over a 7.7k prompt's
 // chunks (benchmarks/bench_prefill_kernel.py).
 
@@ -32,16 +32,14 @@ constexpr int kDimStep = 8;              // value channels whose sums one pass k
 constexpr int64_t kGroups = 4;           // groups of a task: each tile read serves all of them
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
-using Ints = int32_t __attribute__((vector_size(64)));
-
-// One group's rows: which keys each sees ([0, a) and [b, hi)), and the span over all of them that a tile must
-// meet to matter (`first`, `last`) or cover to need no mask (`a_min`; `b_max` to `hi_min`). Rows past the chunk's
-// end or the group's size see nothing (a = b = hi = 0).
+// One group's rows: which keys each sees ([0, a) and [b, hi)), and over all of them what a tile must meet to
+// matter ([0, a_max) or [b_min, hi_max)) or lie in to need no mask ([0, a_min) or [b_max, hi_min)). Rows past the
+// chunk's end or the group's size see nothing (a = b = hi = 0).
 struct Group {
   alignas(64) int32_t a[kRows], b[kRows], hi[kRows];
   alignas(64) float max[kRows], sum[kRows];
-  int64_t head0, pos0, positions;  // the group's first query head and first query index, positions per head
-  int64_t a_max = 0, b_min = 0, hi_max = 0, a_min = 0, b_max = 0, hi_min = 0;
+  int64_t head0, pos0, positions;  // the group's first query head, its first query index, its positions per head
+  int64_t a_max, b_min, hi_max, a_min, b_max, hi_min;
 };
 
 // acc[j][v] += x(j) * row[16 v ..] for j < kN: one rank-1 step of either product, kN broadcast values against a
