@@ -10,9 +10,9 @@
 // vector; a tile's scores are a key's channel broadcast times the queries' transposed channel, so keys are read in
 // place in any layout and never transposed; its values go the same way into the transposed output. A task runs
 // up to four groups of positions over each tile of 128 keys, so a tile read from memory serves 192 rows (eight
-// groups, 64-key tiles, or prefetching the next tile, measured no faster: the loops are bound by arithmetic). On the embedded
-// model's geometry it takes 0.65-0.89x the time of torch's flash attention per chunk, 0.76x over a 7.7k prompt's
-// chunks (benchmarks/bench_prefill_kernel.py).
+// groups, 64-key tiles, or prefetching the next tile or its values, measured no faster). On the embedded model's
+// geometry it takes 0.57-0.86x the time of torch's flash attention per chunk, the short ones gaining most, and
+// 0.75-0.77x over a 7.7k prompt's chunks (benchmarks/bench_prefill_kernel.py).
 
 #include <ATen/Parallel.h>
 
