@@ -155,8 +155,8 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
   const scalar_t* vp = v_cache.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int32_t* blocks = table.data_ptr<int32_t>();
-  // Read once: stride() checks its dimension at every call, which in the row loops below took as long as a
-  // 1k prompt's tiles.
+  // Read once: stride() checks its dimension at every call, which in the row loops below took 13% of a 2k chunk's
+  // time.
   const int64_t q0 = q.stride(0), q1 = q.stride(1), q2 = q.stride(2);
   const int64_t o0 = out.stride(0), o1 = out.stride(1), o2 = out.stride(2);
   const int64_t no_window = window > 0 ? window : start + T + 1;
