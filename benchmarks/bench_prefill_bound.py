@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from common import ROOT  # noqa: F401  (puts the repository on sys.path)
+from bench_prefill_kernel import attention_flops  # puts the repository on sys.path (through common)
 from torch.utils.cpp_extension import load_inline
 from transformers import AutoConfig
 
@@ -70,9 +70,13 @@ def fma_peak(repeats: int) -> float:
     return statistics.median(module.fma_peak(20_000_000) for _ in range(repeats))
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def products(config) -> list[tuple[int, int]]:
     """(in, out) of each linear layer of one decoder layer."""
-    h, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h, d = config.hidden_size, head_dim(config)
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
     return [(h, qkv), (config.num_attention_heads * d, h), (h, 2 * config.intermediate_size),
             (config.intermediate_size, h)]
@@ -94,11 +98,9 @@ def matmul_rate(config, rows: int, repeats: int) -> float:
 
 def prefill_flops(config, n: int) -> tuple[float, float]:
     """(products, attention) FLOPs of an n-token prompt's prefill."""
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     weights = config.num_hidden_layers * sum(i * o for i, o in products(config))
     linear = 2 * n * weights + 2 * config.hidden_size * config.vocab_size
-    attention = 4 * config.num_attention_heads * d * config.num_hidden_layers * n * (n + 1) / 2
-    return linear, attention
+    return linear, config.num_hidden_layers * attention_flops(config.num_attention_heads, head_dim(config), 0, n)
 
 
 def main() -> None:

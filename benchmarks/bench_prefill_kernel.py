@@ -29,6 +29,12 @@ BS = 16
 CHUNKS = "0:1024,0:2048,2048:2048,4096:2048,6144:1536"  # start:length
 
 
+def attention_flops(heads: int, head_dim: int, start: int, length: int) -> float:
+    """Causal attention's FLOPs for `length` queries after `start` cached keys: 4 * heads * head_dim per visible
+    query-key pair (scores and values, a multiply and an add each)."""
+    return 4 * heads * head_dim * (length * start + length * (length + 1) / 2)
+
+
 def engine_ttft(prompts: list[int], repeats: int) -> None:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
@@ -92,7 +98,7 @@ def main() -> None:
         medians = interleaved_medians(ops, args.repeats)
         for name, t in medians.items():
             totals[name] += t
-        flops = 4 * HQ * D * (length * start + length * (length + 1) / 2)
+        flops = attention_flops(HQ, D, start, length)
         diff = (outs["cpp"] - outs["torch"]).abs().max().item()
         t_ref, t_cpp = medians["torch"], medians["cpp"]
         print(f"| {start:,} + {length:,} | {t_ref * 1e3:.1f} ms | {t_cpp * 1e3:.1f} ms | {t_cpp / t_ref:.2f}x | "

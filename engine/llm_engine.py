@@ -141,10 +141,10 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = self.loaded.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):  # min_tokens bans them by index
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        # stop_token_ids too: min_tokens bans them by index.
+        for name, tokens in (("prompt token ids", ids), ("stop_token_ids", sampling.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in tokens):
+                raise ValueError(f"{name} must be in [0, {vocab})")
         max_new = sampling.max_tokens if sampling.max_tokens is not None else self.max_model_len - len(ids)
         if max_new < 1 or len(ids) + max_new > self.max_model_len:
             raise ContextLengthError(self.max_model_len, len(ids), sampling.max_tokens)
