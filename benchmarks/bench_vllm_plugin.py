@@ -48,6 +48,7 @@ RECIPES = {
     "LONGSERVE_SWAA W1024 S64": ("LONGSERVE_SWAA", WINDOWED),
     "+ release_kv": ("LONGSERVE_SWAA", {**WINDOWED, "release_kv": True}),
     "LONGSERVE_LOKI (defaults)": ("LONGSERVE_LOKI", {}),  # its artifact: longserve's cache, made first if missing
+    "LONGSERVE_LOKI k 0.125": ("LONGSERVE_LOKI", {"k_frac": 0.125}),  # half the kept keys: what TPOT owes to them
     # longserve's served recipe (topk 16, 8 local blocks past 2k), its compression on vLLM's 32-token pages
     "LONGSERVE_INFLLM_V2 recipe": ("LONGSERVE_INFLLM_V2", {"dense_len": 2048, "topk": 16, "local_blocks": 8,
                                                            "kernel_size": 64, "kernel_stride": 32}),

@@ -270,37 +270,56 @@ class Rule:  # a request's keep rule, as ScorerParams gives it
                                                                                      min_keep, dense_len)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "cpp"])
-@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
-@pytest.mark.parametrize("sets", [HKV, HQ], ids=["per-kv-head", "per-query-head"])
-def test_lowrank_topk_decode_keeps_each_sets_best_keys(monkeypatch, kernels, layout, sets):
-    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
-    d = 4
+def check_topk_decode(kernels: str, layout: str, per_kv_head: bool, hq: int, dim: int, rank: int) -> None:
+    """Each row's output equals exact attention over the keys its rule keeps: the sinks, the local window and the
+    budget's best by the sums of each key set's queries on the first `rank` channels."""
     lengths = [530, 90, 40, 60]  # 530: two pieces of work; 40: under its floor; 60: no scored keys kept
     rules = [Rule(8, 32, 0.25, 16, 64), Rule(0, 0, 0.1, 20, 64), Rule(4, 4, 0.5, 1, 64), Rule(2, 3, 0.0, 0, 0)]
-    kc, vc, seqs = filled(layout, lengths)
+    kc, vc, seqs = filled(layout, lengths, d=dim)
     # longserve keeps the low-rank keys in a table of their own, positions contiguous; vLLM's cache holds them as its
     # keys' first channels
-    low = kc[..., :d].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if layout == "contiguous" else kc[..., :d]
-    q = torch.randn(len(lengths), HQ, D, generator=torch.Generator().manual_seed(3))
+    low = kc[..., :rank]
+    if layout == "contiguous":
+        low = low.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    q = torch.randn(len(lengths), hq, dim, generator=torch.Generator().manual_seed(3))
     plan = topk_decode_plan([t for t, _, _ in seqs], lengths, rules, num_blocks=NB)
     assert plan.kernel == kernels
-    got = lowrank_topk_decode(q, low, kc, vc, plan, sets, SCALE)
-    heads = HQ // sets
+    sets = HKV if per_kv_head else hq
+    got = lowrank_topk_decode(q, low, kc, vc, plan, sets, dim**-0.5)
+    heads = hq // sets
     for b, ((_, k, v), n, r) in enumerate(zip(seqs, lengths, rules)):
         kpos = torch.arange(n)
         forced = (kpos < r.sinks) | (kpos >= n - r.local_window)
         budget = n if n < r.dense_len else max(int(r.k_frac * n), r.min_keep)
-        mask = torch.zeros(HQ, 1, n, dtype=torch.bool)
+        mask = torch.zeros(hq, 1, n, dtype=torch.bool)
         for s in range(sets):
-            qs = q[b, s * heads : (s + 1) * heads, :d].sum(0)
-            approx = (k[s * heads // (HQ // HKV), :, :d] @ qs).masked_fill(forced, float("-inf"))
+            qs = q[b, s * heads : (s + 1) * heads, :rank].sum(0)
+            approx = (k[s * heads // (hq // HKV), :, :rank] @ qs).masked_fill(forced, float("-inf"))
             best = approx.topk(min(budget, int((~forced).sum()))).indices
             mask[s * heads : (s + 1) * heads, 0, best] = True
             mask[s * heads : (s + 1) * heads, 0, forced] = True
         assert 0 < int(mask[0].sum()) <= n
-        want = masked_attention(q[b][:, None], k, v, mask, SCALE)[:, 0]
+        want = masked_attention(q[b][:, None], k, v, mask, dim**-0.5)[:, 0]
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("per_kv_head", [True, False], ids=["per-kv-head", "per-query-head"])
+def test_lowrank_topk_decode_keeps_each_sets_best_keys(monkeypatch, kernels, layout, per_kv_head):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    check_topk_decode(kernels, layout, per_kv_head, HQ, D, 4)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("hq", [2, 6, 10])
+@pytest.mark.parametrize("per_kv_head", [True, False], ids=["per-kv-head", "per-query-head"])
+def test_cpp_topk_decode_at_the_head_dims_it_compiles_for(monkeypatch, dim, hq, per_kv_head):
+    # 64 and 128 take the kernel's fixed-width loops, and a rank of a quarter of them its fixed-rank scoring (the
+    # other tests' head dim 16 takes the general ones); on longserve's layout in float32, 1 to 4 query heads per key
+    # set take the exact pass's register-blocked loops, 5 the general ones.
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    check_topk_decode("cpp", "contiguous", per_kv_head, hq, dim, dim // 4)
 
 
 def test_cpp_topk_decode_refuses_a_row_that_keeps_nothing(monkeypatch):

@@ -127,6 +127,82 @@ inline void score_run(const scalar_t* __restrict k, const Strides& ks, int64_t r
   }
 }
 
+// Where `score16` and `add_values` find row t: at a stride from a first row (the keys or values of one block), or
+// through a list of pointers (kept keys, anywhere in the cache).
+struct StridedRows {
+  const float* first;
+  int64_t stride;
+  const float* operator()(int64_t t) const { return first + t * stride; }
+};
+
+struct ListedRows {
+  const float* const* rows;
+  const float* operator()(int64_t t) const { return rows[t]; }
+};
+
+// Scores of up to 16 keys for one query vector: s[t] = q . row(t) for t < run, each row kD contiguous floats. Each key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a
+// transposing tree, 15 shuffle-adds for 16 keys where summing each key's lanes alone takes 64, in the same order as
+// `sum_lanes`. The tree leaves key t in lane bitreverse4(t); a last shuffle puts it back in order.
+template <int64_t kD, typename Row>
+inline void score16(const float* __restrict q, Row row, int64_t run, float* __restrict s) {
+  Lanes acc[16];
+  for (int64_t t = 0; t < 16; ++t) {
+    Lanes a = {};
+    if (t < run) {
+      const float* __restrict k = row(t);
+      for (int64_t c = 0; c < kD; c += 16) a += load_lanes(q + c) * load_lanes(k + c);
+    }
+    acc[t] = a;
+  }
+  Lanes r8[8], r4[4], r2[2];
+  for (int i = 0; i < 8; ++i)
+    r8[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                    31);
+  for (int i = 0; i < 4; ++i)
+    r4[i] = __builtin_shufflevector(r8[2 * i], r8[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+            __builtin_shufflevector(r8[2 * i], r8[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    r2[i] = __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+            __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                   __builtin_shufflevector(r2[0], r2[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+  std::memcpy(s, &sorted, run * sizeof(float));
+}
+
+// acc[g] += sum over t < run of w[g * w_stride + t] * row(t) for kG query heads sharing their value rows (kD
+// contiguous float channels each): each row is loaded once for all of them, and their kD sums stay in registers.
+template <int64_t kD, int kG, typename Row>
+inline void add_values(float* __restrict a, const float* __restrict w, int64_t w_stride, Row row, int64_t run) {
+  constexpr int64_t C = kD / 16;
+  Lanes acc[kG][C];
+  for (int g = 0; g < kG; ++g)
+    for (int64_t c = 0; c < C; ++c) acc[g][c] = load_lanes(a + g * kD + c * 16);
+  for (int64_t t = 0; t < run; ++t) {
+    const float* __restrict v = row(t);
+    Lanes vt[C];
+    for (int64_t c = 0; c < C; ++c) vt[c] = load_lanes(v + c * 16);
+    for (int g = 0; g < kG; ++g) {
+      const float wg = w[g * w_stride + t];
+      for (int64_t c = 0; c < C; ++c) acc[g][c] += wg * vt[c];
+    }
+  }
+  for (int g = 0; g < kG; ++g)
+    for (int64_t c = 0; c < C; ++c) std::memcpy(a + g * kD + c * 16, &acc[g][c], sizeof(Lanes));
+}
+
+// The same for G query heads, 1 to 4 (the common GQA ratios; more would not keep their sums in registers).
+template <int64_t kD, typename Row>
+inline void add_values(int64_t G, float* a, const float* w, int64_t w_stride, Row row, int64_t run) {
+  switch (G) {
+    case 1: add_values<kD, 1>(a, w, w_stride, row, run); break;
+    case 2: add_values<kD, 2>(a, w, w_stride, row, run); break;
+    case 3: add_values<kD, 3>(a, w, w_stride, row, run); break;
+    default: add_values<kD, 4>(a, w, w_stride, row, run); break;
+  }
+}
+
 // acc[d] += w * v[d] for one value row.
 template <int64_t kD, typename scalar_t>
 inline void add_scaled(float* __restrict acc, float w, const scalar_t* __restrict v, int64_t D_, int64_t dv) {
@@ -166,10 +242,11 @@ inline T* scratch(int64_t n) {
   return reinterpret_cast<T*>((address + 63) & ~std::uintptr_t{63});
 }
 
-// Into the first-level cache: what is prefetched is read a block or two later (into the second level only, a layer's
-// decode at 8k took 8-10% longer).
+// Into the first-level cache by default: what is prefetched is read a block or two later (into the second level
+// only, a layer's decode at 8k took 8-10% longer). kLocality 2: into the second level only, for what is read later.
+template <int kLocality = 3>
 inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, kLocality);
 }
 
 // One query head's output from the states of its pieces [first, last): the state of piece i sits at index

@@ -44,70 +44,6 @@ inline void for_each_run(const Piece& w, int64_t sink, int64_t lo, int64_t bs, c
   }
 }
 
-// Scores of up to 16 consecutive keys of one block and KV head (channels contiguous, kD of them) for one query
-// vector. Each key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a transposing
-// tree, 15 shuffle-adds for 16 keys where summing each key's lanes alone takes 64. The tree leaves key t in lane
-// bitreverse4(t); a last shuffle puts it back in order.
-template <int64_t kD>
-inline void score16(const float* __restrict q, const float* __restrict k, int64_t pos, int64_t run,
-                    float* __restrict s) {
-  Lanes acc[16];
-  for (int64_t t = 0; t < 16; ++t) {
-    Lanes a = {};
-    if (t < run)
-      for (int64_t c = 0; c < kD; c += 16) a += load_lanes(q + c) * load_lanes(k + t * pos + c);
-    acc[t] = a;
-  }
-  Lanes r8[8], r4[4], r2[2];
-  for (int i = 0; i < 8; ++i)
-    r8[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                    31);
-  for (int i = 0; i < 4; ++i)
-    r4[i] = __builtin_shufflevector(r8[2 * i], r8[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-            __builtin_shufflevector(r8[2 * i], r8[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    r2[i] = __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-            __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-                   __builtin_shufflevector(r2[0], r2[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-  std::memcpy(s, &sorted, run * sizeof(float));
-}
-
-// acc[g] += sum over t of w[g][t] * v[t] for the kG query heads of one KV head: each value row is loaded once for
-// all of them, and their kD sums stay in registers over the run.
-template <int64_t kD, int kG>
-inline void add_values(float* __restrict a, const float* __restrict w, int64_t w_stride, const float* __restrict v,
-                       int64_t pos, int64_t run) {
-  constexpr int64_t C = kD / 16;
-  Lanes acc[kG][C];
-  for (int g = 0; g < kG; ++g)
-    for (int64_t c = 0; c < C; ++c) acc[g][c] = load_lanes(a + g * kD + c * 16);
-  for (int64_t t = 0; t < run; ++t) {
-    Lanes vt[C];
-    for (int64_t c = 0; c < C; ++c) vt[c] = load_lanes(v + t * pos + c * 16);
-    for (int g = 0; g < kG; ++g) {
-      const float wg = w[g * w_stride + t];
-      for (int64_t c = 0; c < C; ++c) acc[g][c] += wg * vt[c];
-    }
-  }
-  for (int g = 0; g < kG; ++g)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(a + g * kD + c * 16, &acc[g][c], sizeof(Lanes));
-}
-
-// The same for G query heads, 1 to 4 (the common GQA ratios; more would not keep their sums in registers).
-template <int64_t kD>
-inline void add_values(int64_t G, float* a, const float* w, int64_t w_stride, const float* v, int64_t pos,
-                       int64_t run) {
-  switch (G) {
-    case 1: add_values<kD, 1>(a, w, w_stride, v, pos, run); break;
-    case 2: add_values<kD, 2>(a, w, w_stride, v, pos, run); break;
-    case 3: add_values<kD, 3>(a, w, w_stride, v, pos, run); break;
-    default: add_values<kD, 4>(a, w, w_stride, v, pos, run); break;
-  }
-}
-
 template <int64_t kD, typename scalar_t>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& tables, const torch::Tensor& ranges, double scale, torch::Tensor& out) {
@@ -158,8 +94,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
             if (blocked) {
               for (int64_t c = h * G; c < (h + 1) * G; ++c)
                 for (int64_t t = 0; t < run; t += 16)
-                  score16<kD>(qf + c * D, kb + h * ks.head + t * ks.pos, ks.pos, std::min<int64_t>(16, run - t),
-                              s + c * kSpan + at + t);
+                  score16<kD>(qf + c * D, StridedRows{kb + h * ks.head + t * ks.pos, ks.pos},
+                              std::min<int64_t>(16, run - t), s + c * kSpan + at + t);
               continue;
             }
           }
@@ -175,7 +111,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         if constexpr (kBlocked) {
           if (blocked) {
             for (int64_t h = 0; h < Hkv; ++h)
-              add_values<kD>(G, a + h * G * D, s + h * G * kSpan + at, kSpan, vb + h * vs.head, vs.pos, run);
+              add_values<kD>(G, a + h * G * D, s + h * G * kSpan + at, kSpan, StridedRows{vb + h * vs.head, vs.pos},
+                             run);
             return;
           }
         }
