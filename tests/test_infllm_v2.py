@@ -88,9 +88,11 @@ CASES = {  # name: (dense_len, prompt chunks of A, decodes)
 }
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])  # decodes: slot lists and SDPA, or the C++ paged decode
 @pytest.mark.parametrize("tile", ["one-tile", "tile-per-group"])
 @pytest.mark.parametrize("case", CASES)
-def test_layers_match_masked_reference(case, tile, monkeypatch):
+def test_layers_match_masked_reference(case, tile, kernels, monkeypatch):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
     if tile == "tile-per-group":
         monkeypatch.setattr(block_sparse, "TILE_ELEMS", 1)
     dense_len, chunks, decodes = CASES[case]
