@@ -140,9 +140,10 @@ struct ListedRows {
   const float* operator()(int64_t t) const { return rows[t]; }
 };
 
-// Scores of up to 16 keys for one query vector: s[t] = q . row(t) for t < run, each row kD contiguous floats. Each key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a
-// transposing tree, 15 shuffle-adds for 16 keys where summing each key's lanes alone takes 64, in the same order as
-// `sum_lanes`. The tree leaves key t in lane bitreverse4(t); a last shuffle puts it back in order.
+// Scores of up to 16 keys for one query vector: s[t] = q . row(t) for t < run, each row kD contiguous floats. Each
+// key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a transposing tree, 15
+// shuffle-adds for 16 keys where summing each key's lanes alone takes 64, in the same order as `sum_lanes`. The tree
+// leaves key t in lane bitreverse4(t); a last shuffle puts it back in order.
 template <int64_t kD, typename Row>
 inline void score16(const float* __restrict q, Row row, int64_t run, float* __restrict s) {
   Lanes acc[16];

@@ -10,8 +10,8 @@
 // (a histogram) and then among the keys of the threshold's bucket only; exact attention over (row, set, span of
 // kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. For
 // float caches with contiguous channels the exact pass takes paged decode's register-blocked forms (16 kept keys
-// scored at a time, a value row read once for the set's query heads): 0.78-0.95x the time of a layer's decode at
-// 8k with the per-key forms, the same sums in the same order (benchmarks/bench_decode_kernel.py).
+// scored at a time, a value row read once for the set's query heads): 0.80-0.97x the time of a layer's decode at
+// 8k with the per-key forms, the same sums in the same order (benchmarks/bench_decode_kernel.py's caches).
 
 #include <ATen/Parallel.h>
 
