@@ -199,17 +199,18 @@ def sparse_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor,
     """One query per row, q `[H_q, B, D]`, over the cache blocks `pages` `[H_kv, B, k * pages_per_block]` of its
     selected blocks (current block last); `lens` `[B]` context lengths -> `[H_q, B, D]`."""
     b = sel.block
+    current = (lens - 1) // b * b  # the current block's first position
     if not use_triton(q.device) and use_cpp(q.device):
         # A KV head's selected pages are a block table whose keys are visible up to the current block's last
         # written one: the C++ paged decode reads them in place, one call per KV head.
-        seen = (sel.k - 1) * b + lens - (lens - 1) // b * b
+        seen = (sel.k - 1) * b + lens - current
         ranges = torch.stack([seen, torch.zeros_like(seen), torch.zeros_like(seen)]).to(torch.int32)
         tables, rows = pages.to(torch.int32), q.transpose(0, 1)
         g = q.shape[0] // len(tables)
         return torch.cat([paged_decode(rows[:, h * g : (h + 1) * g], k_cache[:, :, h : h + 1], v_cache[:, :, h : h + 1],
                                        DecodePlan(table, ranges=ranges, kernel="cpp"), scale)
                           for h, table in enumerate(tables)], 1).transpose(0, 1)
-    tail = ((lens - 1) // b * b).unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
+    tail = current.unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
     visible = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
     return slot_attention(q, k_cache, v_cache, page_slots(pages, sel.page),
                           visible.expand(pages.shape[0], -1, -1), scale)

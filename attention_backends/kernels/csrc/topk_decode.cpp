@@ -170,44 +170,48 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
         const int64_t pos = list[j];
         return cache + table[pos / bs] * st.block + (pos % bs) * st.pos + h * st.head;
       };
+      // The kept rows' addresses, for the register-blocked loops (null: the per-key loops).
+      const float** krow = nullptr;
+      const float** vrow = nullptr;
       if constexpr (kBlocked) {
         if (blocked) {
-          const float** krow = scratch<const float*, 7>(2 * n);
-          const float** vrow = krow + n;
+          krow = scratch<const float*, 7>(2 * n);
+          vrow = krow + n;
           for (int64_t j = 0; j < n; ++j) {
             krow[j] = row_of(kp, ks, j);
             vrow[j] = row_of(vp, vs, j);
           }
-          // Keys prefetched a chunk ahead into the first-level cache; each chunk's values into the second while its
-          // keys are scored, ready for the pass over values.
-          for (int64_t j = 0; j < n; j += 16) {
-            for (int64_t t = j + 16; t < std::min(n, j + 32); ++t) prefetch(krow[t], row_bytes);
-            for (int64_t t = j; t < std::min(n, j + 16); ++t) prefetch<2>(vrow[t], row_bytes);
-            for (int64_t g = 0; g < heads; ++g)
-              score16<kD>(qf + g * D, ListedRows{krow + j}, std::min<int64_t>(16, n - j), s + g * kSpan + j);
-          }
-          for (int64_t g = 0; g < heads; ++g)
-            std::tie(mx[i * heads + g], sum[i * heads + g]) = exponentiate(&s[g * kSpan], n);
-          float* a = acc + i * heads * D;
-          std::fill(a, a + heads * D, 0.f);
-          for (int64_t j = 0; j < n; j += 16)
-            add_values<kD>(heads, a, s + j, kSpan, ListedRows{vrow + j}, std::min<int64_t>(16, n - j));
-          continue;
         }
       }
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + kAheadKeys < n) prefetch(row_of(kp, ks, j + kAheadKeys), row_bytes);
-        const scalar_t* k = row_of(kp, ks, j);
-        for (int64_t g = 0; g < heads; ++g) s[g * kSpan + j] = dot<kD>(qf + g * D, k, D, ks.dim);
+      if (krow) {
+        // Keys prefetched a chunk ahead into the first-level cache; each chunk's values into the second while its
+        // keys are scored, ready for the pass over values.
+        for (int64_t j = 0; j < n; j += 16) {
+          for (int64_t t = j + 16; t < std::min(n, j + 32); ++t) prefetch(krow[t], row_bytes);
+          for (int64_t t = j; t < std::min(n, j + 16); ++t) prefetch<2>(vrow[t], row_bytes);
+          for (int64_t g = 0; g < heads; ++g)
+            score16<kD>(qf + g * D, ListedRows{krow + j}, std::min<int64_t>(16, n - j), s + g * kSpan + j);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (j + kAheadKeys < n) prefetch(row_of(kp, ks, j + kAheadKeys), row_bytes);
+          const scalar_t* k = row_of(kp, ks, j);
+          for (int64_t g = 0; g < heads; ++g) s[g * kSpan + j] = dot<kD>(qf + g * D, k, D, ks.dim);
+        }
       }
       for (int64_t g = 0; g < heads; ++g)
         std::tie(mx[i * heads + g], sum[i * heads + g]) = exponentiate(&s[g * kSpan], n);
       float* a = acc + i * heads * D;
       std::fill(a, a + heads * D, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + kAheadKeys < n) prefetch(row_of(vp, vs, j + kAheadKeys), row_bytes);
-        const scalar_t* v = row_of(vp, vs, j);
-        for (int64_t g = 0; g < heads; ++g) add_scaled<kD>(a + g * D, s[g * kSpan + j], v, D, vs.dim);
+      if (vrow) {
+        for (int64_t j = 0; j < n; j += 16)
+          add_values<kD>(heads, a, s + j, kSpan, ListedRows{vrow + j}, std::min<int64_t>(16, n - j));
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (j + kAheadKeys < n) prefetch(row_of(vp, vs, j + kAheadKeys), row_bytes);
+          const scalar_t* v = row_of(vp, vs, j);
+          for (int64_t g = 0; g < heads; ++g) add_scaled<kD>(a + g * D, s[g * kSpan + j], v, D, vs.dim);
+        }
       }
     }
   });
