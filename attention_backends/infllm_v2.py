@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from attention_backends.base import AttentionBackend, Capabilities
 from attention_backends.context import BackendBatch, Phase, SeqStep
 from attention_backends.dense import DenseMeta, attend_exact, dense_meta
-from attention_backends.kernels.block_sparse import Selection, SparseRow, attend_block_sparse, page_means
+from attention_backends.kernels.block_sparse import (
+    Selection,
+    SparsePlan,
+    SparseRow,
+    attend_block_sparse,
+    page_means,
+    sparse_plan,
+)
 from attention_backends.registry import register_backend
 
 MEANS_TABLE = "infllm_v2.key_means"
@@ -71,7 +78,7 @@ class InfLLMV2Params(BaseModel):
 @dataclass(frozen=True, slots=True)
 class InfLLMMeta:
     dense: DenseMeta  # the rows that attend densely: a chunk's leading rows, decodes below the switch
-    sparse: dict[Selection, list[SparseRow]]  # the rest: a chunk's trailing rows, decodes past the switch
+    sparse: dict[Selection, SparsePlan]  # the rest: a chunk's trailing rows, decodes past the switch
     fill: torch.Tensor | None  # cache blocks whose key means the sparse rows need and the side table lacks
 
 
@@ -105,7 +112,8 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
                 fill.append(pages[~self.means.filled[pages]])
                 sparse.setdefault(s.params.selection(self.spec.block_size), []).append(
                     SparseRow(s.query_start + r, s.block_table, s.num_computed_tokens + r, s.query_len - r))
-        return InfLLMMeta(dense_meta(dense, self.spec, self.kv), sparse, torch.cat(fill).unique() if fill else None)
+        plans = {sel: sparse_plan(rows, sel, self.kv.device) for sel, rows in sparse.items()}
+        return InfLLMMeta(dense_meta(dense, self.spec, self.kv), plans, torch.cat(fill).unique() if fill else None)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BackendBatch[InfLLMMeta],
                 scale: float) -> torch.Tensor:
@@ -114,8 +122,8 @@ class InfLLMV2Backend(AttentionBackend[InfLLMMeta]):
         self._fill_means(layer, meta.fill)
         out = torch.empty_like(q)
         attend_exact(out, meta.dense, q, k, v, kc, vc, None, scale)
-        for sel, rows in meta.sparse.items():
-            attend_block_sparse(out, q, kc, vc, self.means.data[layer], rows, sel, scale)
+        for sel, plan in meta.sparse.items():
+            attend_block_sparse(out, q, kc, vc, self.means.data[layer], plan, sel, scale)
         return out
 
     def _fill_means(self, layer: int, pages: torch.Tensor | None) -> None:

@@ -24,7 +24,7 @@ import torch
 from vllm.config import get_current_vllm_config
 
 from attention_backends.infllm_v2 import InfLLMV2Params
-from attention_backends.kernels.block_sparse import SparseRow, attend_block_sparse, page_means
+from attention_backends.kernels.block_sparse import SparsePlan, SparseRow, attend_block_sparse, page_means, sparse_plan
 from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
 from longserve_vllm.backend import LongserveBackend, RangeImpl
 from longserve_vllm.config import LongserveConfigError
@@ -34,7 +34,7 @@ from longserve_vllm.metadata import StepRow
 @dataclass(frozen=True, slots=True)
 class InfLLMWork:
     exact: RangeWork  # rows before the switch
-    sparse: tuple[SparseRow, ...]
+    sparse: SparsePlan
 
 
 class InfLLMV2Impl(RangeImpl):
@@ -62,7 +62,7 @@ class InfLLMV2Impl(RangeImpl):
                 exact.append(RangeRow(r.row, r.block_table, r.start, n))
             if n < r.length:
                 sparse.append(SparseRow(r.row + n, r.block_table, r.start + n, r.length - n))
-        return InfLLMWork(range_work(exact, **geometry), tuple(sparse))
+        return InfLLMWork(range_work(exact, **geometry), sparse_plan(sparse, self.selection, geometry["device"]))
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -80,9 +80,7 @@ class InfLLMV2Impl(RangeImpl):
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: InfLLMWork) -> None:
         attend_ranges(out, q, k, v, k_cache, v_cache, work.exact, self.scale)
-        if work.sparse:
-            attend_block_sparse(out, q, k_cache, v_cache, self.means[layer_index], work.sparse, self.selection,
-                                self.scale)
+        attend_block_sparse(out, q, k_cache, v_cache, self.means[layer_index], work.sparse, self.selection, self.scale)
 
 
 class InfLLMV2Backend(LongserveBackend):

@@ -20,7 +20,15 @@ from conftest import natural_text
 from attention_backends.context import AttentionSpec
 from attention_backends.infllm_v2 import MEANS_TABLE, InfLLMV2Backend
 from attention_backends.kernels import block_sparse
-from attention_backends.kernels.block_sparse import compress, sparse_prefill
+from attention_backends.kernels.block_sparse import (
+    Selection,
+    SparseRow,
+    attend_block_sparse,
+    compress,
+    decode_pages,
+    sparse_plan,
+    sparse_prefill,
+)
 from attention_backends.kernels.paged import take_blocks
 from attention_backends.registry import BackendError, validate_params
 from engine.sampling_params import SamplingParams
@@ -130,6 +138,78 @@ def test_sparse_kernel_over_every_block_is_dense():
     qpos = torch.arange(start, n)
     want = masked_attention(seq.q[0][:, start:], seq.k[0], seq.v[0], torch.arange(n)[None] <= qpos[:, None], D**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+GEOMETRIES = {  # Selection(page, block, kernel, stride, init_blocks, local_blocks, k)
+    "kernel-spans-two-strides": Selection(16, 32, 32, 16, 1, 1, 4),
+    "the-defaults-shape": Selection(16, 64, 32, 16, 1, 2, 6),
+    "one-page-blocks-no-forced": Selection(16, 16, 16, 16, 0, 0, 3),
+    "kernel-past-the-block": Selection(8, 32, 64, 16, 2, 1, 5),
+    "no-tier-1-key-yet": Selection(16, 16, 64, 16, 0, 0, 2),
+}
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (3, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_cpp_selection_matches_the_reference_ops(geometry, heads, monkeypatch):
+    """Decode rows at many positions (before any tier-1 or tier-2 key exists, across blocks), block tables that are
+    scattered, shared or end at the row's last page: the C++ selection picks the reference ops' pages exactly,
+    structural ties included."""
+    sel, (hq, hkv) = GEOMETRIES[geometry], heads
+    torch.manual_seed(hq + len(geometry))
+    num_blocks = 200
+    means = torch.randn(num_blocks, hkv, D)
+    first = (sel.k - 1) * sel.block
+    positions = sorted({first, first + 1, first + sel.block - 1, *torch.randint(first, 700, (9,)).tolist()})
+    rows = []
+    for i, pos in enumerate(positions):
+        pages = pos // sel.page + 1
+        table = torch.randperm(num_blocks)[: pages + i % 3]  # some rows' tables end at their last page
+        if i % 4 == 1:  # a prefix shared with the row before
+            shared = len(rows[-1].block_table) // 2
+            table[:shared] = rows[-1].block_table[:shared]
+        rows.append(SparseRow(i, table, pos, 1))
+    q = torch.randn(len(rows), hq, D) * 3
+    want = {}
+    for kernels in ("torch", "cpp"):
+        monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+        want[kernels] = decode_pages(q, means, sparse_plan(rows, sel), sel, D**-0.5)
+    assert want["cpp"].shape == (len(rows), hkv, sel.k * sel.pages_per_block)
+    assert torch.equal(want["cpp"].long(), want["torch"].long())
+
+
+def test_cpp_selection_refuses_rows_it_cannot_serve(monkeypatch):
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    sel, means, q = GEOMETRIES["the-defaults-shape"], torch.randn(50, HKV, D), torch.randn(1, HQ, D)
+    with pytest.raises(RuntimeError, match="fewer than k"):
+        decode_pages(q, means, sparse_plan([SparseRow(0, torch.arange(50), sel.block * (sel.k - 1) - 1, 1)], sel),
+                     sel, 1.0)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        decode_pages(q, means, sparse_plan([SparseRow(0, torch.arange(50) + 10, 700, 1)], sel), sel, 1.0)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+def test_decodes_in_any_rows_of_a_step(kernels, monkeypatch):
+    """Decodes at rows 0 and 2 of a step (gathered) give what each gives alone (a view), and row 1 is left alone."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    torch.manual_seed(2)
+    sel, kv = GEOMETRIES["kernel-spans-two-strides"], _backend()[1]
+    kv.k[0].normal_()
+    kv.v[0].normal_()
+    means = torch.randn(kv.k[0].shape[0], HKV, D)
+    rows = [SparseRow(0, torch.randperm(80)[:20], 300, 1), SparseRow(2, torch.randperm(80)[:20], 250, 1)]
+    q = torch.randn(HQ, 3, D)
+    out = torch.zeros_like(q)
+    plan = sparse_plan(rows, sel)
+    assert isinstance(plan.at, torch.Tensor)
+    attend_block_sparse(out, q, kv.k[0], kv.v[0], means, plan, sel, D**-0.5)
+    for r in rows:
+        alone = torch.empty(HQ, 1, D)
+        one = sparse_plan([SparseRow(0, r.block_table, r.start, 1)], sel)
+        assert isinstance(one.at, slice)
+        attend_block_sparse(alone, q[:, r.row : r.row + 1], kv.k[0], kv.v[0], means, one, sel, D**-0.5)
+        torch.testing.assert_close(out[:, r.row], alone[:, 0], atol=0, rtol=0)
+    assert not out[:, 1].any()
 
 
 def test_params_validation(loaded):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from backend_harness import masked_attention
 
-from attention_backends.kernels.decode import decode_plan, paged_decode
+from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
 from attention_backends.kernels.paged import context_slots, gather_head_slots, gather_range, take_blocks, write_kv
 from attention_backends.kernels.prefill import paged_prefill, prefill_plan
 from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
@@ -127,6 +127,30 @@ def test_cpp_decode_at_the_head_dims_it_compiles_for(monkeypatch, layout, d, dty
                                 d**-0.5)[:, 0]
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("d", [16, 64])
+def test_cpp_decode_through_a_table_per_kv_head(monkeypatch, layout, d):
+    """Tables `[B, H_kv, N]`: each KV head of a row reads its own blocks (here another sequence's), under the row's
+    sinks and window; the general and the register-blocked loops."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    kc, vc, seqs = filled(layout, [120, 120, 120], d=d)
+    heads = [(0, 1), (2, 0)]  # row b's KV head h reads sequence heads[b][h]
+    lens, sinks, lo = [120, 77], [0, 4], [0, 30]
+    tables = torch.stack([torch.stack([seqs[i][0] for i in row]) for row in heads]).to(torch.int32)
+    plan = DecodePlan(tables, ranges=torch.tensor([lens, sinks, lo], dtype=torch.int32), kernel="cpp")
+    q = torch.randn(len(heads), HQ, d)
+    got = paged_decode(q, kc, vc, plan, d**-0.5)
+    g = HQ // HKV
+    for b, row in enumerate(heads):
+        kpos = torch.arange(lens[b])
+        visible = ((kpos < sinks[b]) | (kpos >= lo[b]))[None]
+        for h, i in enumerate(row):
+            _, k, v = seqs[i]
+            want = masked_attention(q[b, h * g : (h + 1) * g, None], k[h : h + 1, : lens[b]], v[h : h + 1, : lens[b]],
+                                    visible, d**-0.5)[:, 0]
+            torch.testing.assert_close(got[b, h * g : (h + 1) * g], want, atol=1e-5, rtol=1e-5)
 
 
 def test_cpp_decode_refuses_a_table_past_the_cache(monkeypatch):

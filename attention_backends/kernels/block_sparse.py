@@ -1,5 +1,6 @@
-"""InfLLM-V2's block selection and block-sparse attention over the paged cache (PyTorch reference ops; a decode
-attends through the C++ paged decode on the CPU, the Triton slot-list kernel on CUDA).
+"""InfLLM-V2's block selection and block-sparse attention over the paged cache (PyTorch reference ops; on the CPU,
+a step's decodes select their blocks in one C++ call and attend through the C++ paged decode, on CUDA through the
+Triton slot-list kernel).
 
 Compressed keys come from per-page key means (one vector per cache block and KV head, kept in a side
 table): a tier-1 key is the mean of the keys in a window of `kernel` tokens at stride `stride`, which is the
@@ -63,6 +64,37 @@ class SparseRow:
     block_table: torch.Tensor
     start: int
     length: int
+
+
+@dataclass(frozen=True, slots=True)
+class SparsePlan:
+    """A step's block-sparse rows, planned once for every layer (`sparse_plan`): prefill chunks, and decodes (one
+    query each) with what the C++ kernels read for them (None: the reference ops run)."""
+
+    chunks: tuple[SparseRow, ...]
+    decodes: tuple[SparseRow, ...]
+    at: slice | torch.Tensor  # the decodes' rows of the step's batch
+    tables: torch.Tensor | None  # [B, N] int32: the decodes' block tables, null-padded
+    positions: torch.Tensor | None  # [B] int32
+    ranges: torch.Tensor | None  # [3, B] int32: the keys of its selected blocks each decode sees (paged decode's)
+
+
+def sparse_plan(rows: Sequence[SparseRow], sel: Selection, device: torch.device | str = "cpu") -> SparsePlan:
+    """Plan a step's block-sparse `rows` under `sel` for the kernels that run on `device`."""
+    chunks, decodes = tuple(r for r in rows if r.length > 1), tuple(r for r in rows if r.length == 1)
+    first, at = (decodes[0].row if decodes else 0), [r.row for r in decodes]
+    # A step's decodes are usually consecutive rows: then views of them, not gathers.
+    where = slice(first, first + len(at)) if at == list(range(first, first + len(at))) else torch.tensor(at)
+    if not decodes or use_triton(device) or not use_cpp(device):
+        return SparsePlan(chunks, decodes, where, None, None, None)
+    tables = torch.zeros(len(decodes), max(len(r.block_table) for r in decodes), dtype=torch.int32)
+    for i, r in enumerate(decodes):
+        tables[i, : len(r.block_table)] = r.block_table
+    # Every selected block before the current one is full; the current one is visible up to the query.
+    seen = [(sel.k - 1) * sel.block + r.start % sel.block + 1 for r in decodes]
+    ranges = torch.tensor([seen, [0] * len(seen), [0] * len(seen)], dtype=torch.int32)
+    return SparsePlan(chunks, decodes, where, tables, torch.tensor([r.start for r in decodes], dtype=torch.int32),
+                      ranges)
 
 
 def _pool(means: torch.Tensor, kernel: int, stride: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,52 +227,52 @@ def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor
 
 
 def sparse_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, pages: torch.Tensor,
-                  lens: torch.Tensor, sel: Selection, scale: float) -> torch.Tensor:
-    """One query per row, q `[H_q, B, D]`, over the cache blocks `pages` `[H_kv, B, k * pages_per_block]` of its
-    selected blocks (current block last); `lens` `[B]` context lengths -> `[H_q, B, D]`."""
-    b = sel.block
-    current = (lens - 1) // b * b  # the current block's first position
-    if not use_triton(q.device) and use_cpp(q.device):
+                  plan: SparsePlan, sel: Selection, scale: float) -> torch.Tensor:
+    """The plan's decodes, q `[B, H_q, D]`, over the cache blocks `pages` `[B, H_kv, k * pages_per_block]` of their
+    selected blocks (current block last) -> `[B, H_q, D]`."""
+    if plan.ranges is not None:
         # A KV head's selected pages are a block table whose keys are visible up to the current block's last
-        # written one: the C++ paged decode reads them in place, one call per KV head.
-        seen = (sel.k - 1) * b + lens - current
-        ranges = torch.stack([seen, torch.zeros_like(seen), torch.zeros_like(seen)]).to(torch.int32)
-        tables, rows = pages.to(torch.int32), q.transpose(0, 1)
-        g = q.shape[0] // len(tables)
-        return torch.cat([paged_decode(rows[:, h * g : (h + 1) * g], k_cache[:, :, h : h + 1], v_cache[:, :, h : h + 1],
-                                       DecodePlan(table, ranges=ranges, kernel="cpp"), scale)
-                          for h, table in enumerate(tables)], 1).transpose(0, 1)
-    tail = current.unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
-    visible = torch.cat([torch.ones(len(lens), (sel.k - 1) * b, dtype=torch.bool), tail < lens.unsqueeze(1)], 1)
-    return slot_attention(q, k_cache, v_cache, page_slots(pages, sel.page),
-                          visible.expand(pages.shape[0], -1, -1), scale)
+        # written one: the C++ paged decode reads them in place, a table per row and KV head.
+        return paged_decode(q, k_cache, v_cache, DecodePlan(pages, ranges=plan.ranges, kernel="cpp"), scale)
+    b, pos = sel.block, torch.tensor([r.start for r in plan.decodes])
+    tail = (pos // b * b).unsqueeze(1) + torch.arange(b)  # positions of the current block's keys
+    visible = torch.cat([torch.ones(len(pos), (sel.k - 1) * b, dtype=torch.bool), tail <= pos.unsqueeze(1)], 1)
+    slots = page_slots(pages.transpose(0, 1), sel.page)
+    return slot_attention(q.transpose(0, 1), k_cache, v_cache, slots, visible.expand(slots.shape[0], -1, -1),
+                          scale).transpose(0, 1)
 
 
-def decode_pages(q: torch.Tensor, pos: int, table: torch.Tensor, c: Compressed, sel: Selection, scale: float
+def decode_pages(q: torch.Tensor, means: torch.Tensor, plan: SparsePlan, sel: Selection, scale: float
                  ) -> torch.Tensor:
-    """The `[H_kv, k * pages_per_block]` cache blocks one decode query `q` `[H_q, 1, D]` at `pos` attends to."""
-    probs = kernel_probs(q, torch.tensor([pos]), c, scale)
-    cur = torch.tensor([pos // sel.block])
-    blocks = select_blocks(probs, cur, sel)[:, 0].cpu()
-    return block_pages(blocks, padded_table(table, int(cur) + 1, sel), sel)
+    """The `[B, H_kv, k * pages_per_block]` cache blocks each of the plan's decodes attends to, its query the row's
+    `[H_q, D]` of q `[B, H_q, D]`; `means` as in `attend_block_sparse`. On the CPU in one C++ call
+    (`csrc/block_select.cpp`), else row by row through the ops above."""
+    if plan.tables is not None:
+        from attention_backends.kernels import cpu_ext
+
+        return cpu_ext.load().select_decode_pages(q.float().contiguous(), means, plan.tables, plan.positions,
+                                                  sel.page, sel.block, sel.kernel, sel.stride, sel.init_blocks,
+                                                  sel.local_blocks, sel.k, scale)
+    pages = []
+    for i, r in enumerate(plan.decodes):
+        c = compress(take_blocks(means, r.block_table[: (r.start + 1) // sel.page]), sel)
+        probs = kernel_probs(q[i].unsqueeze(1), torch.tensor([r.start]), c, scale)
+        cur = torch.tensor([r.start // sel.block])
+        blocks = select_blocks(probs, cur, sel)[:, 0].cpu()
+        pages.append(block_pages(blocks, padded_table(r.block_table, int(cur) + 1, sel), sel))
+    return torch.stack(pages)
 
 
 def attend_block_sparse(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        means: torch.Tensor, rows: Sequence[SparseRow], sel: Selection, scale: float) -> None:
-    """Rows of `out` `[H_q, T, D]` from `q` over the cache, whose keys (the rows' own included) are all written;
-    `means` `[num_blocks, H_kv, D]` holds the key means of at least the rows' full pages. Prefill chunks run one
-    by one, decodes in one batch."""
-    decodes, pages = [], []
-    for r in rows:
-        end = r.start + r.length
-        c = compress(take_blocks(means, r.block_table[: end // sel.page]), sel)
-        if r.length > 1:
-            out[:, r.row : r.row + r.length] = sparse_prefill(k_cache, v_cache, q[:, r.row : r.row + r.length],
-                                                              r.start, r.block_table, c, sel, scale)
-        else:
-            decodes.append(r)
-            pages.append(decode_pages(q[:, r.row : r.row + 1], r.start, r.block_table, c, sel, scale))
-    if decodes:
-        at = torch.tensor([r.row for r in decodes])
-        lens = torch.tensor([r.start + 1 for r in decodes])
-        out[:, at] = sparse_decode(k_cache, v_cache, q[:, at], torch.stack(pages, 1), lens, sel, scale)
+                        means: torch.Tensor, plan: SparsePlan, sel: Selection, scale: float) -> None:
+    """The plan's rows of `out` `[H_q, T, D]` from `q` over the cache, whose keys (the rows' own included) are all
+    written; `means` `[num_blocks, H_kv, D]` holds the key means of at least the rows' full pages. Prefill chunks run
+    one by one, decodes in one batch."""
+    for r in plan.chunks:
+        c = compress(take_blocks(means, r.block_table[: (r.start + r.length) // sel.page]), sel)
+        out[:, r.row : r.row + r.length] = sparse_prefill(k_cache, v_cache, q[:, r.row : r.row + r.length], r.start,
+                                                          r.block_table, c, sel, scale)
+    if plan.decodes:
+        qd = q[:, plan.at].transpose(0, 1).contiguous()
+        pages = decode_pages(qd, means, plan, sel, scale)
+        out[:, plan.at] = sparse_decode(k_cache, v_cache, qd, pages, plan, sel, scale).transpose(0, 1)

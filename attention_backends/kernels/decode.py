@@ -24,7 +24,7 @@ from attention_backends.kernels.paged import sdpa, take_blocks
 class DecodePlan:
     """Reference form: block tables `[B, N]` of the visible keys' blocks and which of their `N * block_size` keys each
     row sees (None: all). Kernel form (`kernel` "triton" or "cpp"): `ranges` `[3, B]` (lengths, sinks, window
-    starts) over whole tables."""
+    starts) over whole tables; the C++ kernel also takes a table per row and KV head, `[B, H_kv, N]`."""
 
     block_tables: torch.Tensor
     visible: torch.Tensor | None = None

@@ -12,9 +12,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &longserve::silu_and_mul, "silu(gate) * up from rows of gate values followed by up values");
   m.def("rotary_inplace", &longserve::rotary_inplace, "rotary position embedding on queries and keys, in place");
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
-  m.def("paged_decode", &longserve::paged_decode, "paged decode over sinks and a band, read in place");
+  m.def("paged_decode", &longserve::paged_decode,
+        "paged decode over sinks and a band, read in place, through a block table per row or per row and KV head");
   m.def("paged_prefill", &longserve::paged_prefill,
         "a chunk's queries over the keys each sees (sinks, a band, causal), read in place, into out");
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,
         "decode over each key set's top keys by low-rank scores, read in place");
+  m.def("select_decode_pages", &longserve::select_decode_pages,
+        "InfLLM-V2's block selection for one query per row: the pages each KV head attends to", py::arg("q"),
+        py::arg("means"), py::arg("tables"), py::arg("positions"), py::arg("page"), py::arg("block"),
+        py::arg("kernel"), py::arg("stride"), py::arg("init_blocks"), py::arg("local_blocks"), py::arg("k"),
+        py::arg("scale"));
 }

@@ -316,4 +316,8 @@ torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& l
                                   const torch::Tensor& v_cache, const torch::Tensor& tables,
                                   const torch::Tensor& limits, int64_t sets, double scale);
 
+torch::Tensor select_decode_pages(const torch::Tensor& q, const torch::Tensor& means, const torch::Tensor& tables,
+                                  const torch::Tensor& positions, int64_t page, int64_t block, int64_t kernel,
+                                  int64_t stride, int64_t init_blocks, int64_t local_blocks, int64_t k, double scale);
+
 }  // namespace longserve

@@ -9,6 +9,10 @@
 // caches with contiguous channels (longserve's) and D a multiple of 16, scores are summed 16 keys at a time and
 // each value row is read once for its G query heads (up to 4) whose sums stay in registers: 12-20% less time a
 // layer than the per-key forms, with the same sums in the same order (benchmarks/bench_decode_kernel.py).
+//
+// Block tables are one per row, or one per row and KV head ([B, H_kv, N], InfLLM-V2's selected blocks): a piece then
+// reads one KV head, and a step's rows and heads still share one parallel loop (one call per KV head left two cores
+// with three pieces each: 2.6x the time of one call on InfLLM-V2's 24 selected blocks at 7.7k).
 
 #include <ATen/Parallel.h>
 
@@ -22,7 +26,7 @@ namespace {
 constexpr int64_t kAhead = 2;  // blocks prefetched ahead of the one being read
 
 struct Piece {
-  int64_t row, first, last;  // keys [first, last) of the row's visible list
+  int64_t set, first, last;  // keys [first, last) of the visible list of a block table (a row, or a row's KV head)
 };
 
 // Calls f(block, offset in block, run, index in the piece, ahead) for the runs of consecutive positions inside
@@ -48,7 +52,9 @@ template <int64_t kD, typename scalar_t>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& tables, const torch::Tensor& ranges, double scale, torch::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv, width = tables.size(1);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv, width = tables.size(-1);
+  const bool per_head = tables.dim() == 3;
+  const int64_t per_row = per_head ? Hkv : 1, sets = B * per_row;  // block tables per row, in all
   const Strides ks(k_cache), vs(v_cache);
   // float caches whose channels are contiguous, D a multiple of 16 known when compiled, up to 4 query heads per KV
   // head: scores and values in the register-blocked forms above.
@@ -63,18 +69,20 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int32_t* sinks = lens + B;
   const int32_t* los = lens + 2 * B;
 
-  check_tables(lens, tp, B, width, bs, k_cache.size(0));
+  std::vector<int32_t> set_lens(sets);
+  for (int64_t set = 0; set < sets; ++set) set_lens[set] = lens[set / per_row];
+  check_tables(set_lens.data(), tp, sets, width, bs, k_cache.size(0));
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(0 <= sinks[b] && sinks[b] <= los[b] && los[b] < lens[b],
                 "row ", b, ": needs 0 <= sinks <= window start < length");
   std::vector<Piece> pieces;
-  std::vector<int64_t> first_piece(B + 1);
-  for (int64_t b = 0; b < B; ++b) {
-    first_piece[b] = static_cast<int64_t>(pieces.size());
-    const int64_t n = sinks[b] + lens[b] - los[b];
-    for (int64_t f = 0; f < n; f += kSpan) pieces.push_back({b, f, std::min(n, f + kSpan)});
+  std::vector<int64_t> first_piece(sets + 1);
+  for (int64_t set = 0; set < sets; ++set) {
+    first_piece[set] = static_cast<int64_t>(pieces.size());
+    const int64_t b = set / per_row, n = sinks[b] + lens[b] - los[b];
+    for (int64_t f = 0; f < n; f += kSpan) pieces.push_back({set, f, std::min(n, f + kSpan)});
   }
-  first_piece[B] = static_cast<int64_t>(pieces.size());
+  first_piece[sets] = static_cast<int64_t>(pieces.size());
   const int64_t P = static_cast<int64_t>(pieces.size());
   // Per piece and query head: the running max, the sum of exponentials and the weighted sum of values.
   float *acc = scratch<float, 10>(P * Hq * D), *mx = scratch<float, 11>(P * Hq), *sum = scratch<float, 12>(P * Hq);
@@ -83,13 +91,23 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
     float *qf = scratch<float, 13>(Hq * D), *s = scratch<float, 14>(Hq * kSpan);
     for (int64_t i = begin; i < end; ++i) {
       const Piece& w = pieces[i];
-      const int64_t n = w.last - w.first, sink = sinks[w.row], lo = los[w.row];
-      const int32_t* table = tp + w.row * width;
-      for (int64_t j = 0; j < Hq * D; ++j) qf[j] = as_float(qp[w.row * Hq * D + j]) * static_cast<float>(scale);
+      const int64_t row = w.set / per_row, n = w.last - w.first, sink = sinks[row], lo = los[row];
+      // The KV heads the piece reads, [h0, h1): all of them, or its table's.
+      const int64_t h0 = per_head ? w.set % Hkv : 0, h1 = per_head ? h0 + 1 : Hkv;
+      const int32_t* table = tp + w.set * width;
+      for (int64_t j = h0 * G * D; j < h1 * G * D; ++j)
+        qf[j] = as_float(qp[row * Hq * D + j]) * static_cast<float>(scale);
+      auto prefetch_block = [&](const scalar_t* cache, const Strides& st, int64_t block) {
+        if (!per_head) return prefetch(cache + block * st.block, block_bytes);
+        // One head's rows: contiguous in vLLM's CPU layout, every H_kv-th row's share of longserve's.
+        const scalar_t* base = cache + block * st.block + h0 * st.head;
+        if (st.dim != 1) return prefetch(base, ((bs - 1) * st.pos + (D - 1) * st.dim + 1) * sizeof(scalar_t));
+        for (int64_t t = 0; t < bs; ++t) prefetch(base + t * st.pos, D * sizeof(scalar_t));
+      };
       for_each_run(w, sink, lo, bs, table, [&](int64_t block, int64_t off, int64_t run, int64_t at, int64_t ahead) {
-        if (ahead >= 0) prefetch(kp + ahead * ks.block, block_bytes);
+        if (ahead >= 0) prefetch_block(kp, ks, ahead);
         const scalar_t* kb = kp + block * ks.block + off * ks.pos;
-        for (int64_t h = 0; h < Hkv; ++h) {
+        for (int64_t h = h0; h < h1; ++h) {
           if constexpr (kBlocked) {
             if (blocked) {
               for (int64_t c = h * G; c < (h + 1) * G; ++c)
@@ -102,22 +120,23 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
           score_run<kD>(kb + h * ks.head, ks, run, qf + h * G * D, G, D, s + h * G * kSpan + at, kSpan);
         }
       });
-      for (int64_t c = 0; c < Hq; ++c) std::tie(mx[i * Hq + c], sum[i * Hq + c]) = exponentiate(&s[c * kSpan], n);
+      for (int64_t c = h0 * G; c < h1 * G; ++c)
+        std::tie(mx[i * Hq + c], sum[i * Hq + c]) = exponentiate(&s[c * kSpan], n);
       float* a = acc + i * Hq * D;
-      std::fill(a, a + Hq * D, 0.f);
+      std::fill(a + h0 * G * D, a + h1 * G * D, 0.f);
       for_each_run(w, sink, lo, bs, table, [&](int64_t block, int64_t off, int64_t run, int64_t at, int64_t ahead) {
-        if (ahead >= 0) prefetch(vp + ahead * vs.block, block_bytes);
+        if (ahead >= 0) prefetch_block(vp, vs, ahead);
         const scalar_t* vb = vp + block * vs.block + off * vs.pos;
         if constexpr (kBlocked) {
           if (blocked) {
-            for (int64_t h = 0; h < Hkv; ++h)
+            for (int64_t h = h0; h < h1; ++h)
               add_values<kD>(G, a + h * G * D, s + h * G * kSpan + at, kSpan, StridedRows{vb + h * vs.head, vs.pos},
                              run);
             return;
           }
         }
         // With D known when compiled, a query head's D sums stay in registers over the run.
-        for (int64_t c = 0; c < Hq; ++c)
+        for (int64_t c = h0 * G; c < h1 * G; ++c)
           for (int64_t t = 0; t < run; ++t)
             add_scaled<kD>(a + c * D, s[c * kSpan + at + t], vb + (c / G) * vs.head + t * vs.pos, D, vs.dim);
       });
@@ -127,8 +146,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, B * Hq, kMergeGrain, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / Hq, c = bc % Hq;
-      merge_pieces(mx + c, sum + c, acc + c * D, first_piece[b], first_piece[b + 1], Hq, D, op + bc * D);
+      const int64_t b = bc / Hq, c = bc % Hq, set = b * per_row + (per_head ? c / G : 0);
+      merge_pieces(mx + c, sum + c, acc + c * D, first_piece[set], first_piece[set + 1], Hq, D, op + bc * D);
     }
   });
 }
@@ -138,6 +157,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& tables, const torch::Tensor& ranges, double scale) {
   check_query_and_cache(q, k_cache, v_cache, tables);
+  TORCH_CHECK(tables.dim() == 2 || (tables.dim() == 3 && tables.size(1) == k_cache.size(2)),
+              "block tables must be [B, N], or [B, H_kv, N] for a table per KV head");
   TORCH_CHECK(ranges.scalar_type() == torch::kInt32 && ranges.is_contiguous() && ranges.size(0) == 3 &&
                   ranges.size(1) == q.size(0),
               "ranges must be contiguous int32 [3, B]");
