@@ -9,9 +9,10 @@ Where this differs from longserve's engine, and why:
   `topk + local_blocks` blocks, which it would see whole anyway). vLLM's backends are not told a request's prompt
   length, so a long prompt's leading rows stay dense here, where longserve makes the whole prompt sparse.
 - The compressed keys pool per-block key means kept in a float32 table indexed by vLLM's block id, one per layer:
-  a block's means are computed when vLLM writes its last slot, after the writes before it, so a block that is freed
-  and reused gets fresh means when it fills again, and a full block a prefix-cache hit shares was never rewritten.
-  A block filled by a KV connector bypasses the writer and has no means: do not combine the two.
+  a block's means are computed in the step whose tokens reach its last slot (the step's plan lists those blocks),
+  after vLLM has written the layer's keys and before the layer attends, so a block that is freed and reused gets fresh
+  means when it fills again, and a full block a prefix-cache hit shares was never rewritten. A block filled by a KV
+  connector is not in any step's tokens and has no means: do not combine the two.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from longserve_vllm.metadata import StepRow
 class InfLLMWork:
     exact: RangeWork  # rows before the switch
     sparse: SparsePlan
+    filled: torch.Tensor | None  # blocks whose last slot the step writes: their key means are taken first
 
 
 class InfLLMV2Impl(RangeImpl):
@@ -62,25 +64,24 @@ class InfLLMV2Impl(RangeImpl):
                 exact.append(RangeRow(r.row, r.block_table, r.start, n))
             if n < r.length:
                 sparse.append(SparseRow(r.row + n, r.block_table, r.start + n, r.length - n))
-        return InfLLMWork(range_work(exact, **geometry), sparse_plan(sparse, self.selection, geometry["device"]))
-
-    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        k_cache = self.cache(layer, kv_cache)[0]
-        num_blocks, bs = k_cache.shape[:2]
-        index = self.layer(layer.layer_name)[0]
-        if index not in self.means:
-            self.means[index] = torch.zeros(num_blocks, self.num_kv_heads, self.head_size, device=kv_cache.device)
-        slots = slot_mapping[: key.shape[0]]
-        full = slots[(slots >= 0) & (slots % bs == bs - 1)] // bs  # blocks whose last slot this step wrote
-        if full.numel():
-            self.means[index][full] = page_means(k_cache, full)
+        # Block j's last slot, at position j * bs + bs - 1, is in [start, start + length) iff start // bs <= j <
+        # (start + length) // bs.
+        bs = geometry["block_size"]
+        filled = [r.block_table[r.start // bs : (r.start + r.length) // bs] for r in rows]
+        filled = torch.cat(filled).long() if filled else torch.zeros(0, dtype=torch.long)
+        return InfLLMWork(range_work(exact, **geometry), sparse_plan(sparse, self.selection, geometry["device"]),
+                          filled.to(geometry["device"]) if filled.numel() else None)
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: InfLLMWork) -> None:
+        means = self.means.get(layer_index)
+        if means is None:
+            means = self.means[layer_index] = k_cache.new_zeros(k_cache.shape[0], self.num_kv_heads, self.head_size,
+                                                                dtype=torch.float32)
+        if work.filled is not None:  # vLLM has written this layer's keys of the step
+            means[work.filled] = page_means(k_cache, work.filled)
         attend_ranges(out, q, k, v, k_cache, v_cache, work.exact, self.scale)
-        attend_block_sparse(out, q, k_cache, v_cache, self.means[layer_index], work.sparse, self.selection, self.scale)
+        attend_block_sparse(out, q, k_cache, v_cache, means, work.sparse, self.selection, self.scale)
 
 
 class InfLLMV2Backend(LongserveBackend):

@@ -134,9 +134,10 @@ def test_infllm_v2_under_its_switch_gives_stock_vllms_tokens(tiny, prompts, stoc
 
 def test_infllm_v2_gives_longserves_own_tokens_through_prefix_hits_and_block_reuse(tiny, prompts, stock):
     """Requests one at a time through a pool of 34 blocks: the second `a` hits the prefix cache, `d` evicts (and
-    rewrites) `a`'s cached blocks, the last `a` recomputes into reused blocks; every answer is longserve's."""
+    rewrites) `a`'s cached blocks, the last `a` recomputes into reused blocks; every answer is longserve's. Decoding
+    fills a block (position 319) and scores it from the next token on."""
     g = torch.Generator().manual_seed(5)
-    a, b, c, d = (torch.randint(100, 40000, (300,), generator=g).tolist() for _ in range(4))
+    a, b, c, d = (torch.randint(100, 40000, (312,), generator=g).tolist() for _ in range(4))
     order = [a, a, b, c, d, a, *prompts]
     with vllm_engine(tiny, "LONGSERVE_INFLLM_V2", INFLLM_SPARSE, num_gpu_blocks_override=34) as llm:
         outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], GREEDY, use_tqdm=False)[0] for p in order]
