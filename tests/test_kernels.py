@@ -226,6 +226,30 @@ def test_cpp_prefill_at_model_sizes(monkeypatch, case):
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("visibility", [(0, -1), (4, 30)], ids=["causal", "sinks-and-window"])
+def test_cpp_prefill_through_a_table_per_kv_head(layout, visibility):
+    """A table `[H_kv, N]`: each KV head's query heads read their own blocks (here another sequence's)."""
+    from attention_backends.kernels import cpu_ext
+
+    sinks, window = visibility
+    kc, vc, seqs = filled(layout, [120, 120, 120])
+    heads, start, t = (1, 2), 70, 50  # KV head h reads sequence heads[h]
+    tables = torch.stack([seqs[i][0] for i in heads]).to(torch.int32)
+    q = torch.randn(HQ, t, D)
+    got = torch.empty_like(q)
+    cpu_ext.load().paged_prefill(got, q, kc, vc, tables, start, sinks, 0, window, SCALE)
+    qpos, kpos = torch.arange(start, start + t)[:, None], torch.arange(start + t)
+    in_band = (qpos - kpos < window) if window > 0 else True
+    visible = (kpos <= qpos) & ((kpos < sinks) | in_band)
+    g = HQ // HKV
+    for h, i in enumerate(heads):
+        _, k, v = seqs[i]
+        want = masked_attention(q[h * g : (h + 1) * g], k[h : h + 1, : start + t], v[h : h + 1, : start + t], visible,
+                                SCALE)
+        torch.testing.assert_close(got[h * g : (h + 1) * g], want, atol=1e-5, rtol=1e-5)
+
+
 def test_cpp_prefill_refuses_bad_tables_and_groups(monkeypatch):
     monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
     from attention_backends.kernels import cpu_ext
@@ -239,6 +263,11 @@ def test_cpp_prefill_refuses_bad_tables_and_groups(monkeypatch):
     bad[1] = NB
     with pytest.raises(RuntimeError, match="block id out of range"):
         prefill(torch.empty_like(q), q, kc, vc, bad, 32, 0, 0, -1, SCALE)
+    per_head = torch.stack([table.int(), bad])  # the second KV head's table reaches past the cache
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        prefill(torch.empty_like(q), q, kc, vc, per_head, 32, 0, 0, -1, SCALE)
+    with pytest.raises(RuntimeError, match="a table per KV head"):
+        prefill(torch.empty_like(q), q, kc, vc, torch.stack([table.int()] * (HKV + 1)), 32, 0, 0, -1, SCALE)
     q = torch.randn(49 * HKV, 8, D)
     with pytest.raises(RuntimeError, match="at most 48 per KV head"):
         prefill(torch.empty_like(q), q, kc, vc, table.int(), 32, 0, 0, -1, SCALE)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attention_backends.kernels import cpu_ext
 from attention_backends.kernels.decode import DecodePlan, paged_decode
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.paged import gather_head_slots, sdpa, take_blocks
@@ -192,7 +193,8 @@ def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor
                    c: Compressed, sel: Selection, scale: float) -> torch.Tensor:
     """Queries q `[H_q, T, D]` at positions `start..start+T-1` (every one at or past block k - 1), whose keys
     are all in the cache -> `[H_q, T, D]`. Query groups run in tiles that bound the gathered K/V; with the
-    Triton kernel, selection runs in those tiles and attention in one launch."""
+    Triton kernel, selection runs in those tiles and attention in one launch; on the CPU the C++ prefill reads each
+    group's blocks in place."""
     hq, t, d = q.shape
     b, hkv = sel.block, c.fine.shape[1]
     m0, m1 = start // b, (start + t - 1) // b + 1
@@ -200,6 +202,7 @@ def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor
     triton_pages = [] if use_triton(q.device) else None
     if triton_pages is not None:
         check_ids(table, k_cache.shape[0], "block ids")
+    ext = cpu_ext.load() if triton_pages is None and use_cpp(q.device) else None
     mask = causal_tail_mask(sel, q.dtype)
     tile = max(1, TILE_ELEMS // (hkv * sel.k * b * d))
     out = torch.empty_like(q)
@@ -213,6 +216,15 @@ def sparse_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor
         pages = block_pages(select_blocks(groups, torch.arange(ma, mb), sel).cpu(), table, sel)  # [H_kv, M, n]
         if triton_pages is not None:
             triton_pages.append(pages)
+            continue
+        if ext is not None:
+            # A group's selected blocks, its own last, are a block table per KV head over which its queries are
+            # causal from position (k - 1) * block + their offset in the block: the C++ prefill reads them in place.
+            tables = pages.to(torch.int32).transpose(0, 1).contiguous()  # [M, H_kv, n]
+            for m in range(mb - ma):
+                g0, g1 = max(start, (ma + m) * b) - start, min(start + t, (ma + m + 1) * b) - start
+                ext.paged_prefill(out[:, g0:g1], q[:, g0:g1], k_cache, v_cache, tables[m],
+                                  (sel.k - 1) * b + (start + g0) % b, 0, 0, -1, scale)
             continue
         k, v = (x.transpose(0, 1) for x in gather_head_slots(k_cache, v_cache, page_slots(pages, sel.page)))
         qpad = q.new_zeros(hq, (mb - ma) * b, d)
@@ -248,8 +260,6 @@ def decode_pages(q: torch.Tensor, means: torch.Tensor, plan: SparsePlan, sel: Se
     `[H_q, D]` of q `[B, H_q, D]`; `means` as in `attend_block_sparse`. On the CPU in one C++ call
     (`csrc/block_select.cpp`), else row by row through the ops above."""
     if plan.tables is not None:
-        from attention_backends.kernels import cpu_ext
-
         return cpu_ext.load().select_decode_pages(q.float().contiguous(), means, plan.tables, plan.positions,
                                                   sel.page, sel.block, sel.kernel, sel.stride, sel.init_blocks,
                                                   sel.local_blocks, sel.k, scale)

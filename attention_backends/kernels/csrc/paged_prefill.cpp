@@ -13,6 +13,9 @@
 // groups, 64-key tiles, or prefetching the next tile or its values, measured no faster). On the embedded model's
 // geometry it takes 0.57-0.86x the time of torch's flash attention per chunk, the short ones gaining most, and
 // 0.75-0.77x over a 7.7k prompt's chunks (benchmarks/bench_prefill_kernel.py).
+//
+// The block table is the chunk's, or one per KV head ([H_kv, N]): InfLLM-V2's query groups read their selected blocks
+// that way, at the positions those blocks take in the table.
 
 #include <ATen/Parallel.h>
 
@@ -147,7 +150,13 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
   const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv;
   const int64_t positions = kRows / G;  // query positions of a group: G rows each
-  const int64_t per_task = positions * kGroups;
+  // Fewer groups a task when a chunk has too few tasks to keep every core busy (an InfLLM-V2 query group: one task a
+  // KV head): a tile then serves fewer rows, but no core waits.
+  const int64_t threads = at::get_num_threads();
+  int64_t task_groups = kGroups;
+  while (task_groups > 1 && Hkv * ((T + positions * task_groups - 1) / (positions * task_groups)) < 2 * threads)
+    task_groups /= 2;
+  const int64_t per_task = positions * task_groups;
   const int64_t tasks_per_head = (T + per_task - 1) / per_task, tasks = Hkv * tasks_per_head;
   const Strides ks(k_cache), vs(v_cache);
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -155,6 +164,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
   const scalar_t* vp = v_cache.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int32_t* blocks = table.data_ptr<int32_t>();
+  const int64_t head_table = table.dim() == 2 ? table.size(1) : 0;  // offset between KV heads' tables
   // Read once: stride() checks its dimension at every call, which in the row loops below took 13% of a 2k chunk's
   // time.
   const int64_t q0 = q.stride(0), q1 = q.stride(1), q2 = q.stride(2);
@@ -163,7 +173,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
   const float qscale = static_cast<float>(scale);
 
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     float* qt = scratch<float, 20>(kGroups * D * kRows);
     float* ot = scratch<float, 21>(kGroups * D * kRows);
     float* s = scratch<float, 22>(kKeys * kRows);
@@ -173,7 +183,8 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
     // The last positions (the most keys) first: what is left at the end is short.
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       const int64_t h = task % Hkv, chunk0 = (tasks_per_head - 1 - task / Hkv) * per_task;
-      const int64_t count = std::min(kGroups, (T - chunk0 + positions - 1) / positions);
+      const int32_t* head_blocks = blocks + h * head_table;
+      const int64_t count = std::min(task_groups, (T - chunk0 + positions - 1) / positions);
       int64_t band_lo = std::numeric_limits<int64_t>::max(), sink_end = 0, key_end = 0;
       for (int64_t gi = 0; gi < count; ++gi) {
         Group& g = groups[gi];
@@ -212,7 +223,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
           const int64_t n = std::min(kKeys, to - k0), padded = (n + kKeyStep - 1) / kKeyStep * kKeyStep;
           for (int64_t t = 0; t < padded; ++t) {
             const int64_t pos = k0 + std::min(t, n - 1);  // padding reads the last key again; it is masked
-            const int64_t block = blocks[pos / bs], off = pos % bs;
+            const int64_t block = head_blocks[pos / bs], off = pos % bs;
             keys[t] = kp + block * ks.block + off * ks.pos + h * ks.head;
             values[t] = vp + block * vs.block + off * vs.pos + h * vs.head;
           }
@@ -260,16 +271,19 @@ void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tenso
   TORCH_CHECK(q.size(0) % k_cache.size(2) == 0 && q.size(0) / k_cache.size(2) <= kRows,
               "the KV heads must divide the query heads, at most ", kRows, " per KV head");
   TORCH_CHECK(q.size(2) == k_cache.size(3), "head dim must match the caches");
-  TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.dim() == 1 && table.is_contiguous(),
-              "the block table must be a contiguous int32 [N] tensor");
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.is_contiguous() &&
+                  (table.dim() == 1 || (table.dim() == 2 && table.size(0) == k_cache.size(2))),
+              "the block table must be a contiguous int32 [N] tensor, or [H_kv, N] for a table per KV head");
   TORCH_CHECK(start >= 0 && sinks >= 0 && lo >= 0 && window >= -1 && window != 0,
               "needs start, sinks, lo >= 0 and a positive window (-1: none)");
   const int64_t end = start + q.size(1), bs = k_cache.size(1);
   TORCH_CHECK(end <= std::numeric_limits<int32_t>::max(), "positions must fit in int32");
-  TORCH_CHECK((end + bs - 1) / bs <= table.size(0), "the block table is shorter than the chunk's end");
+  const int64_t width = table.size(-1), used = (end + bs - 1) / bs;
+  TORCH_CHECK(used <= width, "the block table is shorter than the chunk's end");
   const int32_t* blocks = table.data_ptr<int32_t>();
-  for (int64_t j = 0; j < (end + bs - 1) / bs; ++j)
-    TORCH_CHECK(0 <= blocks[j] && blocks[j] < k_cache.size(0), "block id out of range");
+  for (int64_t row = 0; row < table.numel() / width; ++row)
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(0 <= blocks[row * width + j] && blocks[row * width + j] < k_cache.size(0), "block id out of range");
   if (q.size(1) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_prefill", [&] {
     prefill<scalar_t>(out, q, k_cache, v_cache, table, start, sinks, lo, window, scale);
