@@ -67,10 +67,10 @@ class InfLLMV2Impl(RangeImpl):
         # Block j's last slot, at position j * bs + bs - 1, is in [start, start + length) iff start // bs <= j <
         # (start + length) // bs.
         bs = geometry["block_size"]
-        filled = [r.block_table[r.start // bs : (r.start + r.length) // bs] for r in rows]
-        filled = torch.cat(filled).long() if filled else torch.zeros(0, dtype=torch.long)
+        filled = torch.cat([r.block_table[r.start // bs : (r.start + r.length) // bs] for r in rows]
+                           or [torch.zeros(0, dtype=torch.long)])
         return InfLLMWork(range_work(exact, **geometry), sparse_plan(sparse, self.selection, geometry["device"]),
-                          filled.to(geometry["device"]) if filled.numel() else None)
+                          filled.long().to(geometry["device"]) if filled.numel() else None)
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: InfLLMWork) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from attention_backends.kernels import cpu_ext
 from attention_backends.kernels.decode import DecodePlan, paged_decode
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
-from attention_backends.kernels.paged import gather_head_slots, sdpa, take_blocks
+from attention_backends.kernels.paged import gather_head_slots, padded_tables, row_index, sdpa, take_blocks
 from attention_backends.kernels.slots import slot_attention
 
 COARSE = 4  # tier 2's kernel and stride are this multiple of tier 1's, as in the reference
@@ -83,14 +83,10 @@ class SparsePlan:
 def sparse_plan(rows: Sequence[SparseRow], sel: Selection, device: torch.device | str = "cpu") -> SparsePlan:
     """Plan a step's block-sparse `rows` under `sel` for the kernels that run on `device`."""
     chunks, decodes = tuple(r for r in rows if r.length > 1), tuple(r for r in rows if r.length == 1)
-    first, at = (decodes[0].row if decodes else 0), [r.row for r in decodes]
-    # A step's decodes are usually consecutive rows: then views of them, not gathers.
-    where = slice(first, first + len(at)) if at == list(range(first, first + len(at))) else torch.tensor(at)
+    where = row_index([r.row for r in decodes])
     if not decodes or use_triton(device) or not use_cpp(device):
         return SparsePlan(chunks, decodes, where, None, None, None)
-    tables = torch.zeros(len(decodes), max(len(r.block_table) for r in decodes), dtype=torch.int32)
-    for i, r in enumerate(decodes):
-        tables[i, : len(r.block_table)] = r.block_table
+    tables = padded_tables([r.block_table for r in decodes], torch.int32)
     # Every selected block before the current one is full; the current one is visible up to the query.
     seen = [(sel.k - 1) * sel.block + r.start % sel.block + 1 for r in decodes]
     ranges = torch.tensor([seen, [0] * len(seen), [0] * len(seen)], dtype=torch.int32)

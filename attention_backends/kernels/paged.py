@@ -8,6 +8,8 @@ with other strides). A slot is `block_id * block_size + offset`. Returned keys a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,14 @@ def row_index(rows: list[int]) -> torch.Tensor | slice:
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
     return torch.tensor(rows, dtype=torch.long)
+
+
+def padded_tables(block_tables: Sequence[torch.Tensor], dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows' block tables of any lengths as one `[B, N]` tensor, each padded with the null block 0."""
+    out = torch.zeros(len(block_tables), max(len(t) for t in block_tables), dtype=dtype)
+    for i, table in enumerate(block_tables):
+        out[i, : len(table)] = table
+    return out
 
 
 def position_slots(block_table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:

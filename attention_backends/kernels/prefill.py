@@ -19,7 +19,7 @@ import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.merge import merge_attention_states
-from attention_backends.kernels.paged import gather_range, sdpa
+from attention_backends.kernels.paged import gather_range, padded_tables, sdpa
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
 
@@ -171,10 +171,7 @@ def prefill_batch(chunks: Sequence[tuple[int, torch.Tensor, PrefillPlan]], group
                              for row, table, plan in chunks])
     from attention_backends.kernels.triton_prefill import block_q
 
-    width = max(len(table) for _, table, _ in chunks)
-    tables = torch.zeros(len(chunks), width, dtype=torch.long)
-    for i, (_, table, _) in enumerate(chunks):
-        tables[i, : len(table)] = table
+    tables = padded_tables([table for _, table, _ in chunks])
     if num_blocks is not None:
         check_ids(tables, num_blocks, "block ids")
     rows = torch.tensor([[row, p.start, p.length, p.sinks, p.lo, -1 if p.window is None else p.window]

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
-from attention_backends.kernels.paged import cdiv, take_blocks
+from attention_backends.kernels.paged import cdiv, padded_tables, take_blocks
 from attention_backends.kernels.slots import slot_attention
 
 
@@ -77,9 +77,7 @@ def topk_decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[in
                      device: torch.device | str = "cpu", num_blocks: int | None = None) -> TopkDecodePlan:
     """Plan one query per row, at the end of its `seq_lens` keys, under its request's keep rule."""
     lens = torch.tensor(list(seq_lens))
-    tables = torch.zeros(len(lens), max(len(t) for t in block_tables), dtype=torch.long)
-    for i, table in enumerate(block_tables):
-        tables[i, : len(table)] = table
+    tables = padded_tables(block_tables)
     if num_blocks is not None:
         check_ids(tables, num_blocks, "block ids")
     budgets = torch.stack([scored_budget(n, r.k_frac, r.min_keep, r.dense_len) for n, r in zip(lens, rules)])
