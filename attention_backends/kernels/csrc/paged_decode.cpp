@@ -80,7 +80,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   for (int64_t set = 0; set < sets; ++set) {
     first_piece[set] = static_cast<int64_t>(pieces.size());
     const int64_t b = set / per_row, n = sinks[b] + lens[b] - los[b];
-    for (int64_t f = 0; f < n; f += kSpan) pieces.push_back({set, f, std::min(n, f + kSpan)});
+    split_even(n, [&](int64_t first, int64_t last) { pieces.push_back({set, first, last}); });
   }
   first_piece[sets] = static_cast<int64_t>(pieces.size());
   const int64_t P = static_cast<int64_t>(pieces.size());
@@ -99,26 +99,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         qf[j] = as_float(qp[row * Hq * D + j]) * static_cast<float>(scale);
       auto prefetch_block = [&](const scalar_t* cache, const Strides& st, int64_t block) {
         if (!per_head) return prefetch(cache + block * st.block, block_bytes);
-        // One head's rows: contiguous in vLLM's CPU layout, every H_kv-th row's share of longserve's.
-        const scalar_t* base = cache + block * st.block + h0 * st.head;
-        if (st.dim != 1) return prefetch(base, ((bs - 1) * st.pos + (D - 1) * st.dim + 1) * sizeof(scalar_t));
-        for (int64_t t = 0; t < bs; ++t) prefetch(base + t * st.pos, D * sizeof(scalar_t));
+        prefetch_head(cache + block * st.block + h0 * st.head, st, bs, D);
       };
       for_each_run(w, sink, lo, bs, table, [&](int64_t block, int64_t off, int64_t run, int64_t at, int64_t ahead) {
         if (ahead >= 0) prefetch_block(kp, ks, ahead);
         const scalar_t* kb = kp + block * ks.block + off * ks.pos;
-        for (int64_t h = h0; h < h1; ++h) {
-          if constexpr (kBlocked) {
-            if (blocked) {
-              for (int64_t c = h * G; c < (h + 1) * G; ++c)
-                for (int64_t t = 0; t < run; t += 16)
-                  score16<kD>(qf + c * D, StridedRows{kb + h * ks.head + t * ks.pos, ks.pos},
-                              std::min<int64_t>(16, run - t), s + c * kSpan + at + t);
-              continue;
-            }
-          }
+        for (int64_t h = h0; h < h1; ++h)
           score_run<kD>(kb + h * ks.head, ks, run, qf + h * G * D, G, D, s + h * G * kSpan + at, kSpan);
-        }
       });
       for (int64_t c = h0 * G; c < h1 * G; ++c)
         std::tie(mx[i * Hq + c], sum[i * Hq + c]) = exponentiate(&s[c * kSpan], n);

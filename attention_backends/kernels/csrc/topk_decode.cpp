@@ -23,6 +23,7 @@ namespace longserve {
 namespace {
 
 constexpr int64_t kAheadKeys = 8;  // kept keys whose rows are prefetched ahead of the one being read
+constexpr int64_t kAheadBlocks = 2;  // how far ahead the scoring pass prefetches low-rank keys
 constexpr int kBucketBits = 11;
 
 // Scores as unsigned integers of the same order: a larger float gives a larger key.
@@ -116,7 +117,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   float* scores = scratch<float, 1>(B * S * longest);
   std::vector<Piece> spans;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = 0; f < lens[b]; f += kSpan) spans.push_back({b, -1, f, std::min<int64_t>(lens[b], f + kSpan)});
+    split_even(lens[b], [&](int64_t first, int64_t last) { spans.push_back({b, -1, first, last}); });
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Piece& w = spans[i];
@@ -124,6 +125,10 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
       for (int64_t pos = w.first; pos < w.last;) {
         const int64_t off = pos % bs, run = std::min(w.last - pos, bs - off);
         const scalar_t* lb = lp + table[pos / bs] * ls.block + off * ls.pos;
+        // The low-rank rows of the blocks kAheadBlocks on: a block's d channels of each key are too few for the
+        // hardware's prefetchers to pick up the stride before the next block, elsewhere in the cache.
+        if (const int64_t later = pos + kAheadBlocks * bs; later < w.last)
+          for (int64_t h = 0; h < Hkv; ++h) prefetch_head(lp + table[later / bs] * ls.block + h * ls.head, ls, bs, d);
         for (int64_t h = 0; h < Hkv; ++h)
           score_run<kd>(lb + h * ls.head, ls, run, qlow.data() + (w.row * S + h * per_kv) * d, per_kv, d,
                         scores + (w.row * S + h * per_kv) * longest + pos, longest);
@@ -148,8 +153,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   std::vector<int64_t> first_piece(B * S + 1);
   for (int64_t set = 0; set < B * S; ++set) {
     first_piece[set] = static_cast<int64_t>(pieces.size());
-    const int64_t n = count[set];
-    for (int64_t f = 0; f < n; f += kSpan) pieces.push_back({set / S, set % S, f, std::min(n, f + kSpan)});
+    split_even(count[set], [&](int64_t first, int64_t last) { pieces.push_back({set / S, set % S, first, last}); });
   }
   first_piece[B * S] = static_cast<int64_t>(pieces.size());
   const int64_t P = static_cast<int64_t>(pieces.size());
