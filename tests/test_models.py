@@ -108,7 +108,7 @@ def test_max_model_len_must_fit_the_pool(loaded):
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_linear_matches_nn_linear(bias):
     """Up to `max_rows` rows through longserve's kernel (every count of rows in a pass, and two passes over a weight
-    tile), more through torch's matmul: `nn.Linear`'s products to float32 rounding, any leading shape, strided
+    tile), more through oneDNN's matmul: `nn.Linear`'s products to float32 rounding, any leading shape, strided
     input."""
     torch.manual_seed(0)
     # 100 inputs: not a multiple of the kernel's 16-wide steps; 83 outputs: a last tile, and columns left over after
@@ -119,7 +119,7 @@ def test_cpu_linear_matches_nn_linear(bias):
     assert model[0].weight is linear.weight
     assert model[0].max_rows == 16
     rows = [torch.randn(m, 100) for m in range(1, model[0].max_rows + 2)]
-    for x in (*rows, torch.randn(1, 3, 100), torch.randn(3, 7, 100), torch.randn(5, 200)[:, ::2]):
+    for x in (*rows, torch.randn(1, 3, 100), torch.randn(3, 7, 100), *(torch.randn(m, 200)[:, ::2] for m in (5, 40))):
         with torch.inference_mode():
             torch.testing.assert_close(model(x), linear(x), atol=1e-5, rtol=1e-5)
 
