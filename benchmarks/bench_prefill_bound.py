@@ -5,7 +5,8 @@ machine's measured rates, and so the lowest TTFT ratio any exact prefill could r
 Rates, measured here:
 - the FMA peak: every thread runs independent fused multiply-adds on the widest vectors the compiler targets
   (a loop compiled with -march=native that touches no memory);
-- torch's float32 matmul on the products of a 2,048-token chunk (the shapes the linear layers run).
+- the engine's float32 linear layers (`CpuLinear`: oneDNN's matmul at a chunk's rows) on the products of a
+  2,048-token chunk (the shapes the linear layers run).
 
 Work, from the model's config: the products' FLOPs (2 per weight per token, the logits for the last token only)
 and causal attention's (4 * query heads * head_dim per visible query-key pair, every layer). Element-wise ops,
@@ -28,6 +29,7 @@ from bench_prefill_kernel import attention_flops  # puts the repository on sys.p
 from torch.utils.cpp_extension import load_inline
 from transformers import AutoConfig
 
+from engine.cpu_linear import CpuLinear
 from engine.model_loader import resolve_model_dir
 
 FMA_LOOP = r"""
@@ -85,14 +87,15 @@ def products(config) -> list[tuple[int, int]]:
 def matmul_rate(config, rows: int, repeats: int) -> float:
     shapes = products(config)
     xs = [torch.randn(rows, i) for i, _ in shapes]
-    ws = [torch.randn(i, o) for i, o in shapes]
+    layers = [CpuLinear(torch.nn.Linear(i, o, bias=False)) for i, o in shapes]
     flops = sum(2 * rows * i * o for i, o in shapes)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for x, w in zip(xs, ws):
-            torch.mm(x, w)
-        times.append(time.perf_counter() - start)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x, layer in zip(xs, layers):
+                layer(x)
+            times.append(time.perf_counter() - start)
     return flops / statistics.median(times)
 
 
@@ -112,8 +115,8 @@ def main() -> None:
     config = AutoConfig.from_pretrained(resolve_model_dir(None))
     peak, mm = fma_peak(args.repeats), matmul_rate(config, 2048, args.repeats)
     measured = {int(k): float(v) for k, v in (item.split("=") for item in args.ttft.split(",") if item)}
-    print(f"{torch.get_num_threads()} threads: FMA peak {peak / 1e9:.0f} GFLOPS, float32 matmul on a 2,048-token "
-          f"chunk's products {mm / 1e9:.0f} GFLOPS ({mm / peak:.0%} of the peak)")
+    print(f"{torch.get_num_threads()} threads: FMA peak {peak / 1e9:.0f} GFLOPS, the linear layers (CpuLinear) on a "
+          f"2,048-token chunk's products {mm / 1e9:.0f} GFLOPS ({mm / peak:.0%} of the peak)")
     print("| prompt tokens | products | attention | at the FMA peak | at the matmul rate | measured TTFT | "
           "best ratio at the peak / at the matmul rate |")
     print("|---|---|---|---|---|---|---|")
