@@ -2,7 +2,8 @@
 //
 // The same visibility as the reference op and the Triton kernel (decode.py): row b sees positions
 // [0, sink_b) and [lo_b, len_b) of its sequence, found through its block table. Work is split over
-// (row, span of keys) so that one long sequence keeps every core busy, and a piece reads every KV head of a
+// (row, span of keys), spans of near-equal size (`split_even`), so that one long sequence keeps every core busy
+// to the end, and a piece reads every KV head of a
 // block: the block's memory is then read once, front to back. A piece first scores its whole span (keys
 // only), takes one max and one exponential pass per query head, then reads the values; a second pass merges
 // the pieces of a row exactly. GQA: each key or value read serves the G query heads of its KV head. For float

@@ -5,16 +5,21 @@
 // Row b has `len_b` keys; its first `sinks_b` and last `local_b` are always kept, and `budget_b` more of the
 // others, those that score highest (all of them when fewer remain). A key set is one KV head, whose G query
 // heads share what they keep and score with their queries summed (sets == H_kv), or one query head
-// (sets == H_q). Three passes, each split over the cores: scores over (row, span of keys), reading the d
-// channels of every KV head of a block at once; selection over (row, set), by the scores' top bits first
-// (a histogram) and then among the keys of the threshold's bucket only; exact attention over (row, set, span of
-// kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. For
+// (sets == H_q). Scores over (row, span of keys), reading the d channels of every KV head of a block at once, 16
+// keys at a time, with the rows of the block two ahead prefetched (a block's few low-rank rows are too few for the
+// hardware prefetchers); then, in one parallel loop, selection over (row, set), by the scores' top bits first (a
+// histogram) and then among the keys of the threshold's bucket only, and exact attention over (row, set, span of
+// kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. Spans
+// are cut by `split_even`. For
 // float caches with contiguous channels the exact pass takes paged decode's register-blocked forms (16 kept keys
 // scored at a time, a value row read once for the set's query heads): 0.80-0.97x the time of a layer's decode at
 // 8k with the per-key forms, the same sums in the same order (benchmarks/bench_decode_kernel.py's caches).
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -107,6 +112,14 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
     TORCH_CHECK(sinks[b] >= 0 && locals[b] >= 0 && budgets[b] >= 0, "row ", b, ": negative sinks, window or budget");
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
+  // How many keys each set keeps, known before selection: its forced keys and as many scored ones as its budget.
+  std::vector<int64_t> count(B * S);
+  for (int64_t set = 0; set < B * S; ++set) {
+    const int64_t b = set / S, lo = std::min<int64_t>(sinks[b], lens[b]);
+    const int64_t hi = std::max<int64_t>(lo, lens[b] - locals[b]);
+    count[set] = lo + (lens[b] - hi) + std::min<int64_t>(budgets[b], hi - lo);
+    TORCH_CHECK(count[set] > 0, "row ", b, " keeps no key: it needs sinks, a local window or a budget");
+  }
 
   // Each set's query, summed over its heads, on the first d channels (scores rank keys: no scale needed).
   std::vector<float> qlow(B * S * d, 0.f);
@@ -137,18 +150,6 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
     }
   });
 
-  // Set j's kept keys: kept[j * longest, + count[j]).
-  int32_t* kept = scratch<int32_t, 1>(B * S * longest);
-  std::vector<int64_t> count(B * S);
-  at::parallel_for(0, B * S, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t set = begin; set < end; ++set) {
-      const int64_t b = set / S;
-      count[set] = select(scores + set * longest, lens[b], sinks[b], locals[b], budgets[b], kept + set * longest);
-    }
-  });
-  for (int64_t set = 0; set < B * S; ++set)
-    TORCH_CHECK(count[set] > 0, "row ", set / S, " keeps no key: it needs sinks, a local window or a budget");
-
   std::vector<Piece> pieces;
   std::vector<int64_t> first_piece(B * S + 1);
   for (int64_t set = 0; set < B * S; ++set) {
@@ -161,10 +162,32 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   float *mx = scratch<float, 3>(P * heads), *sum = scratch<float, 4>(P * heads);
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
 
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  // Set j's kept keys: kept[j * longest, + count[j]).
+  int32_t* kept = scratch<int32_t, 1>(B * S * longest);
+  // Selections, then pieces of exact attention, taken in that order by whichever thread is free: a piece waits only
+  // for its own set's selection, so no core idles while another selects a set that the cores cannot share evenly
+  // (3 sets on 2 cores). Taken in order, every selection is under way before any piece waits for it.
+  const int64_t selections = B * S;
+  std::unique_ptr<std::atomic<bool>[]> selected(new std::atomic<bool>[selections]());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     float *qf = scratch<float, 5>(heads * D), *s = scratch<float, 6>(heads * kSpan);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t task; (task = next.fetch_add(1)) < selections + P;) {
+      if (task < selections) {
+        const int64_t b = task / S;
+        select(scores + task * longest, lens[b], sinks[b], locals[b], budgets[b], kept + task * longest);
+        selected[task].store(true, std::memory_order_release);
+        continue;
+      }
+      const int64_t i = task - selections;
       const Piece& w = pieces[i];
+      while (!selected[w.row * S + w.set].load(std::memory_order_acquire)) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#else
+        std::this_thread::yield();
+#endif
+      }
       const int64_t n = w.last - w.first, h = w.set / per_kv;
       const int32_t* table = tp + w.row * width;
       const int32_t* list = kept + (w.row * S + w.set) * longest + w.first;
