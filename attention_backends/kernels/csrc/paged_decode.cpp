@@ -3,13 +3,13 @@
 // The same visibility as the reference op and the Triton kernel (decode.py): row b sees positions
 // [0, sink_b) and [lo_b, len_b) of its sequence, found through its block table. Work is split over
 // (row, span of keys), spans of near-equal size (`split_even`), so that one long sequence keeps every core busy
-// to the end, and a piece reads every KV head of a
-// block: the block's memory is then read once, front to back. A piece first scores its whole span (keys
-// only), takes one max and one exponential pass per query head, then reads the values; a second pass merges
-// the pieces of a row exactly. GQA: each key or value read serves the G query heads of its KV head. For float
-// caches with contiguous channels (longserve's) and D a multiple of 16, scores are summed 16 keys at a time and
-// each value row is read once for its G query heads (up to 4) whose sums stay in registers: 12-20% less time a
-// layer than the per-key forms, with the same sums in the same order (benchmarks/bench_decode_kernel.py).
+// to the end, and a piece reads every KV head of a block: the block's memory is then read once, front to back.
+// A piece first scores its whole span (keys only), takes one max and one exponential pass per query head, then
+// reads the values; a second pass merges the pieces of a row exactly. GQA: each key or value read serves the G
+// query heads of its KV head. For float caches with contiguous channels (longserve's) and D a multiple of 16, scores
+// are summed 16 keys at a time and each value row is read once for its G query heads (up to 4) whose sums stay in
+// registers: 12-20% less time a layer than the per-key forms, with the same sums in the same order
+// (benchmarks/bench_decode_kernel.py).
 //
 // Block tables are one per row, or one per row and KV head ([B, H_kv, N], InfLLM-V2's selected blocks): a piece then
 // reads one KV head, and a step's rows and heads still share one parallel loop (one call per KV head left two cores

@@ -10,10 +10,10 @@
 // hardware prefetchers); then, in one parallel loop, selection over (row, set), by the scores' top bits first (a
 // histogram) and then among the keys of the threshold's bucket only, and exact attention over (row, set, span of
 // kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. Spans
-// are cut by `split_even`. For
-// float caches with contiguous channels the exact pass takes paged decode's register-blocked forms (16 kept keys
-// scored at a time, a value row read once for the set's query heads): 0.80-0.97x the time of a layer's decode at
-// 8k with the per-key forms, the same sums in the same order (benchmarks/bench_decode_kernel.py's caches).
+// are cut by `split_even`. For float caches with contiguous channels the exact pass takes paged decode's
+// register-blocked forms (16 kept keys scored at a time, a value row read once for the set's query heads): 0.80-0.97x
+// the time of a layer's decode at 8k with the per-key forms, the same sums in the same order
+// (benchmarks/bench_decode_kernel.py's caches).
 
 #include <ATen/Parallel.h>
 
@@ -38,11 +38,23 @@ inline uint32_t order_key(float x) {
   return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
 }
 
+// A row's scored keys, [lo, hi): those past its first `sinks` and before its last `local`.
+std::pair<int64_t, int64_t> scored_range(int64_t len, int64_t sinks, int64_t local) {
+  const int64_t lo = std::min(sinks, len);
+  return {lo, std::max(lo, len - local)};
+}
+
+// How many keys `select` keeps: the forced ones and as many scored ones as the budget allows.
+int64_t kept_count(int64_t len, int64_t sinks, int64_t local, int64_t budget) {
+  const auto [lo, hi] = scored_range(len, sinks, local);
+  return lo + (len - hi) + std::min(budget, hi - lo);
+}
+
 // Writes to `out`, in ascending order, the row's forced keys (its first `sinks` and last `local`) and the `budget`
-// highest-scoring others, and returns how many; ties go to the earlier position. The others' scores are ranked by
+// highest-scoring others (`kept_count` of them); ties go to the earlier position. The others' scores are ranked by
 // their top bits first (a histogram); only the keys of the bucket the budget ends in are ranked in full.
-int64_t select(const float* scores, int64_t len, int64_t sinks, int64_t local, int64_t budget, int32_t* out) {
-  const int64_t lo = std::min(sinks, len), hi = std::max(lo, len - local);  // the scored keys: [lo, hi)
+void select(const float* scores, int64_t len, int64_t sinks, int64_t local, int64_t budget, int32_t* out) {
+  const auto [lo, hi] = scored_range(len, sinks, local);
   int64_t n = 0;
   for (int64_t t = 0; t < lo; ++t) out[n++] = static_cast<int32_t>(t);
   if (budget >= hi - lo) {
@@ -81,7 +93,6 @@ int64_t select(const float* scores, int64_t len, int64_t sinks, int64_t local, i
     }
   }
   for (int64_t t = hi; t < len; ++t) out[n++] = static_cast<int32_t>(t);
-  return n;
 }
 
 struct Piece {
@@ -112,12 +123,11 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
     TORCH_CHECK(sinks[b] >= 0 && locals[b] >= 0 && budgets[b] >= 0, "row ", b, ": negative sinks, window or budget");
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
-  // How many keys each set keeps, known before selection: its forced keys and as many scored ones as its budget.
+  // How many keys each set keeps, known before selection, so its pieces of attention are planned up front.
   std::vector<int64_t> count(B * S);
   for (int64_t set = 0; set < B * S; ++set) {
-    const int64_t b = set / S, lo = std::min<int64_t>(sinks[b], lens[b]);
-    const int64_t hi = std::max<int64_t>(lo, lens[b] - locals[b]);
-    count[set] = lo + (lens[b] - hi) + std::min<int64_t>(budgets[b], hi - lo);
+    const int64_t b = set / S;
+    count[set] = kept_count(lens[b], sinks[b], locals[b], budgets[b]);
     TORCH_CHECK(count[set] > 0, "row ", b, " keeps no key: it needs sinks, a local window or a budget");
   }
 
