@@ -21,23 +21,23 @@ BS, HQ, HKV, D, NB = 16, 6, 2, 16, 48
 SCALE = D**-0.5
 
 
-def caches(layout: str, d: int = D) -> tuple[torch.Tensor, torch.Tensor]:
+def caches(layout: str, d: int = D, bs: int = BS) -> tuple[torch.Tensor, torch.Tensor]:
     if layout == "contiguous":
-        return torch.zeros(NB, BS, HKV, d), torch.zeros(NB, BS, HKV, d)
-    cells = torch.zeros(NB, HKV, BS, 2 * d)  # vLLM's per-layer page: K and V in one cell per (head, token)
+        return torch.zeros(NB, bs, HKV, d), torch.zeros(NB, bs, HKV, d)
+    cells = torch.zeros(NB, HKV, bs, 2 * d)  # vLLM's per-layer page: K and V in one cell per (head, token)
     return cache_views(cells, d, "vec" if layout == "vllm-cpu" else None)
 
 
-def filled(layout: str, lengths: list[int], seed: int = 0, d: int = D):
+def filled(layout: str, lengths: list[int], seed: int = 0, d: int = D, bs: int = BS):
     """Caches holding sequences of these lengths in shuffled blocks (never the null block 0), and their raw K/V."""
     g = torch.Generator().manual_seed(seed)
-    kc, vc = caches(layout, d)
+    kc, vc = caches(layout, d, bs)
     free = (torch.randperm(NB - 1, generator=g) + 1).tolist()
     seqs = []
     for n in lengths:
-        table = torch.tensor([free.pop() for _ in range(-(-n // BS))])
+        table = torch.tensor([free.pop() for _ in range(-(-n // bs))])
         k, v = torch.randn(HKV, n, d, generator=g), torch.randn(HKV, n, d, generator=g)
-        write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, BS))
+        write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, bs))
         seqs.append((table, k, v))
     return kc, vc, seqs
 
@@ -127,6 +127,22 @@ def test_cpp_decode_at_the_head_dims_it_compiles_for(monkeypatch, layout, d, dty
                                 d**-0.5)[:, 0]
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
         torch.testing.assert_close(got[b].float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("hq", [2, 4, 6, 8])
+def test_cpp_decode_on_vllm_cpu_pages_of_32_tokens(monkeypatch, hq):
+    """vLLM's CPU cache with the plugin's 32-token pages: its transposed keys scored 32, 16 and fewer at a time (runs
+    cut by sinks, a window and the sequence's end), 1 to 4 query heads per KV head in registers."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    lengths, sinks, windows, bs, d = [7, 45, 600], [0, 3, 5], [None, None, 250], 32, 64
+    kc, vc, seqs = filled("vllm-cpu", lengths, d=d, bs=bs)
+    q = torch.randn(len(lengths), hq, d)
+    got = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, bs, sinks, windows), d**-0.5)
+    for b, ((_, k, v), n) in enumerate(zip(seqs, lengths)):
+        kpos = torch.arange(n)
+        visible = (kpos < sinks[b]) | (kpos > n - 1 - (windows[b] or n))
+        want = masked_attention(q[b, :, None], k, v, visible[None], d**-0.5)[:, 0]
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])

@@ -6,10 +6,11 @@
 // to the end, and a piece reads every KV head of a block: the block's memory is then read once, front to back.
 // A piece first scores its whole span (keys only), takes one max and one exponential pass per query head, then
 // reads the values; a second pass merges the pieces of a row exactly. GQA: each key or value read serves the G
-// query heads of its KV head. For float caches with contiguous channels (longserve's) and D a multiple of 16, scores
-// are summed 16 keys at a time and each value row is read once for its G query heads (up to 4) whose sums stay in
-// registers: 12-20% less time a layer than the per-key forms, with the same sums in the same order
-// (benchmarks/bench_decode_kernel.py).
+// query heads of its KV head. For float caches and D a multiple of 16, scores are summed 16 keys at a time (a key's
+// channels contiguous, longserve's layout) or 16-32 keys a channel at a time (vLLM's CPU cache, keys transposed per
+// block), and each value row is read once for its G query heads (up to 4), their sums in registers: 12-20% less time
+// a layer than the per-key forms in longserve's layout, 0.54x the time in vLLM's, with the same sums in the same
+// order (benchmarks/bench_decode_kernel.py).
 //
 // Block tables are one per row, or one per row and KV head ([B, H_kv, N], InfLLM-V2's selected blocks): a piece then
 // reads one KV head, and a step's rows and heads still share one parallel loop (one call per KV head left two cores
@@ -57,10 +58,10 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const bool per_head = tables.dim() == 3;
   const int64_t per_row = per_head ? Hkv : 1, sets = B * per_row;  // block tables per row, in all
   const Strides ks(k_cache), vs(v_cache);
-  // float caches whose channels are contiguous, D a multiple of 16 known when compiled, up to 4 query heads per KV
-  // head: scores and values in the register-blocked forms above.
+  // float values whose channels are contiguous (vLLM's too), D a multiple of 16 known when compiled, up to 4 query
+  // heads per KV head: values in the register-blocked form above (`score_run` picks the scores' form itself).
   constexpr bool kBlocked = std::is_same_v<scalar_t, float> && kD > 0 && kD % 16 == 0;
-  const bool blocked = kBlocked && ks.dim == 1 && vs.dim == 1 && G <= 4;
+  const bool blocked = kBlocked && vs.dim == 1 && G <= 4;
   const int64_t block_bytes = bs * Hkv * D * static_cast<int64_t>(sizeof(scalar_t));  // one block of one layer
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
