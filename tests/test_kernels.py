@@ -145,6 +145,33 @@ def test_cpp_decode_on_vllm_cpu_pages_of_32_tokens(monkeypatch, hq):
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+def test_decode_with_a_keep_mask(monkeypatch, kernels, layout):
+    """A keep mask (TCA's kept tokens) hides, per KV head, the keys before a row's sinks' end it does not hold; the
+    band from the window's start is seen whole. Row 2 keeps none of its 700 front keys: the C++ kernel's first piece
+    of it sees nothing, which its merge must weigh 0."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    lengths, sinks, windows, bs, d = [70, 600, 800], [30, 5, 700], [40, 300, 100], 32, 64
+    kc, vc, seqs = filled(layout, lengths, d=d, bs=bs)
+    keep = torch.rand(NB, bs, HKV, generator=torch.Generator().manual_seed(1)) < 0.5
+    keep[seqs[2][0]] = False
+    q = torch.randn(len(lengths), HQ, d)
+    got = paged_decode(q, kc, vc, decode_plan([t for t, _, _ in seqs], lengths, bs, sinks, windows), d**-0.5, keep)
+    for b, ((table, k, v), n) in enumerate(zip(seqs, lengths)):
+        kpos = torch.arange(n)
+        kept = keep[table].flatten(0, 1)[:n].T  # [H_kv, n]
+        visible = ((kpos < sinks[b]) & kept) | (kpos >= n - windows[b])
+        want = masked_attention(q[b, :, None], k, v, visible.repeat_interleave(HQ // HKV, 0)[:, None], d**-0.5)
+        torch.testing.assert_close(got[b], want[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_refuses_a_keep_mask_of_another_shape():
+    kc, vc, [(table, _, _)] = filled("contiguous", [40])
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        paged_decode(torch.randn(1, HQ, D), kc, vc, decode_plan([table], [40], BS), SCALE, torch.ones(NB, BS))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
 @pytest.mark.parametrize("d", [16, 64])
 def test_cpp_decode_through_a_table_per_kv_head(monkeypatch, layout, d):

@@ -65,6 +65,22 @@ def test_paged_decode(monkeypatch, group, d, dtype, sinks, windows, splits):
     same(got, want, dtype)
 
 
+def test_paged_decode_with_a_keep_mask(monkeypatch):
+    """TCA's kept tokens: keys before a row's sinks' end seen only where the KV head kept them (row 2: none)."""
+    lengths, sinks, windows = [17, 100, 200], [10, 60, 150], [7, 40, 50]
+    kc, vc, tables, g = filled(lengths, 3, 64, torch.float32)
+    keep = torch.rand(NB, BS, HKV, generator=g) < 0.5
+    keep[tables[2]] = False
+    q = torch.randn(len(lengths), HKV * 3, 64, generator=g)
+    monkeypatch.setenv("LONGSERVE_KERNELS", "torch")
+    want = paged_decode(q, kc, vc, decode_plan(tables, lengths, BS, sinks, windows), 0.125, keep)
+    monkeypatch.setenv("LONGSERVE_KERNELS", "triton")
+    plan = decode_plan(tables, lengths, BS, sinks, windows, num_blocks=NB)
+    got = triton_decode.paged_decode(q, kc, vc, plan.block_tables, plan.ranges, plan.max_keys, 0.125, 2,
+                                     block_n=32, keep=keep)
+    same(got, want, torch.float32)
+
+
 PREFILL = [  # (group, head_dim, dtype, chunks as (cached, length, sinks, lo, window))
     (3, 64, torch.float32, [(0, 40, 0, 0, None), (37, 29, 0, 0, None)]),
     (4, 64, torch.float32, [(100, 60, 20, 0, 64), (9, 30, 3, 0, 5)]),  # window under a block; start 9

@@ -22,12 +22,14 @@ from attention_backends.kernels.paged import sdpa, take_blocks
 
 @dataclass(frozen=True, slots=True)
 class DecodePlan:
-    """Reference form: block tables `[B, N]` of the visible keys' blocks and which of their `N * block_size` keys each
-    row sees (None: all). Kernel form (`kernel` "triton" or "cpp"): `ranges` `[3, B]` (lengths, sinks, window
-    starts) over whole tables; the C++ kernel also takes a table per row and KV head, `[B, H_kv, N]`."""
+    """Reference form: block tables `[B, N]` of the visible keys' blocks, which of their `N * block_size` keys each
+    row sees (None: all) and which of them lie before its sinks' end (`front`, for a keep mask). Kernel form (`kernel`
+    "triton" or "cpp"): `ranges` `[3, B]` (lengths, sinks, window starts) over whole tables; the C++ kernel also
+    takes a table per row and KV head, `[B, H_kv, N]`."""
 
     block_tables: torch.Tensor
     visible: torch.Tensor | None = None
+    front: torch.Tensor | None = None
     ranges: torch.Tensor | None = None
     max_keys: int = 0  # the most keys a row sees (Triton: how finely to split)
     kernel: str = "torch"
@@ -62,22 +64,33 @@ def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], b
     used = j < count[:, None]
     tables = torch.where(used, full.gather(1, index.clamp_max(full.shape[1] - 1)), 0)
     pos = (index.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)
-    visible = (used.repeat_interleave(bs, 1) & (pos < lens[:, None])
-               & ((pos < sink[:, None]) | (pos >= lo[:, None])))
-    return DecodePlan(tables, None if bool(visible.all()) else visible)
+    listed = used.repeat_interleave(bs, 1)
+    visible = listed & (pos < lens[:, None]) & ((pos < sink[:, None]) | (pos >= lo[:, None]))
+    return DecodePlan(tables, None if bool(visible.all()) else visible, listed & (pos < sink[:, None]))
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, scale: float
-                 ) -> torch.Tensor:
-    """q `[B, H_q, D]`, one query per row, over the keys its plan shows -> `[B, H_q, D]`."""
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan, scale: float,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """q `[B, H_q, D]`, one query per row, over the keys its plan shows -> `[B, H_q, D]`. `keep` `[num_blocks,
+    block_size, H_kv]` bool (TCA's kept tokens): a key before its row's sinks' end is seen by a KV head's queries only
+    where it holds; the band from the window's start is seen whole."""
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != k_cache.shape[:3]):
+        raise ValueError(f"keep must be a bool tensor of shape {tuple(k_cache.shape[:3])}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
     if plan.kernel == "cpp":
         from attention_backends.kernels import cpu_ext
 
-        return cpu_ext.load().paged_decode(q.contiguous(), k_cache, v_cache, plan.block_tables, plan.ranges, scale)
+        return cpu_ext.load().paged_decode(q.contiguous(), k_cache, v_cache, plan.block_tables, plan.ranges, scale,
+                                           None if keep is None else keep.contiguous())
     if plan.kernel == "triton":
         from attention_backends.kernels import triton_decode
 
-        return triton_decode.paged_decode(q, k_cache, v_cache, plan.block_tables, plan.ranges, plan.max_keys, scale)
+        return triton_decode.paged_decode(q, k_cache, v_cache, plan.block_tables, plan.ranges, plan.max_keys, scale,
+                                          keep=keep)
     k, v = (take_blocks(c, plan.block_tables).flatten(1, 2).transpose(1, 2) for c in (k_cache, v_cache))
     mask = None if plan.visible is None else plan.visible[:, None, None, :]
+    if keep is not None:  # [B, H_kv, L]: what each KV head sees, then repeated for its query heads
+        hidden = plan.front[:, None, :] & ~take_blocks(keep, plan.block_tables).flatten(1, 2).transpose(1, 2)
+        seen = ~hidden if plan.visible is None else plan.visible[:, None, :] & ~hidden
+        mask = seen.repeat_interleave(q.shape[1] // k_cache.shape[2], 1).unsqueeze(2)
     return sdpa(q.unsqueeze(2), k, v, scale, mask=mask).squeeze(2)

@@ -16,9 +16,10 @@ from attention_backends.kernels.triton_merge import merge_attention_states
 
 
 @triton.jit
-def _decode(q, k_cache, v_cache, tables, ranges, out, lse, scale, n_rows, s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs,
-            s_vh, s_tb, s_ob, s_oh, s_os, s_lb, s_lh, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr):
+def _decode(q, k_cache, v_cache, tables, ranges, keep, out, lse, scale, n_rows, s_qb, s_qh, s_kb, s_ks, s_kh, s_vb,
+            s_vs, s_vh, s_tb, s_ob, s_oh, s_os, s_lb, s_lh, G: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, SPLITS: tl.constexpr,
+            HKV: tl.constexpr, KEEP: tl.constexpr):
     b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(ranges + b)
     sinks = tl.load(ranges + n_rows + b)
@@ -40,7 +41,13 @@ def _decode(q, k_cache, v_cache, tables, ranges, out, lse, scale, n_rows, s_qb, 
         pos = tl.where(idx < sinks, idx, lo + idx - sinks)
         kt, vt = load_kv(k_cache, v_cache, tables + b * s_tb, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
                          dims, dmask, BS)
-        m_i, l_i, acc = attend_tile(qt, kt, vt, hmask[:, None] & valid[None, :], m_i, l_i, acc, scale)
+        seen = valid
+        if KEEP:  # keys before the sinks' end: only those this KV head kept
+            front = valid & (idx < sinks)
+            block = tl.load(tables + b * s_tb + pos // BS, mask=front, other=0).to(tl.int64)
+            kept = tl.load(keep + (block * BS + pos % BS) * HKV + h, mask=front, other=1)
+            seen = valid & (kept != 0)
+        m_i, l_i, acc = attend_tile(qt, kt, vt, hmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     o, e = finish(m_i, l_i, acc)
     omask = hmask[:, None] & dmask[None, :]
     tl.store(out + b * s_ob + heads[:, None] * s_oh + split * s_os + dims[None, :], o, mask=omask)
@@ -58,8 +65,10 @@ def splits_for(rows: int, kv_heads: int, max_keys: int, device: torch.device) ->
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                  ranges: torch.Tensor, max_keys: int, scale: float, splits: int | None = None,
-                 block_n: int = 64) -> torch.Tensor:
-    """q `[B, H_q, D]`; tables `[B, N]` and ranges `[3, B]` (lengths, sinks, window starts) int32 on q's device."""
+                 block_n: int = 64, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """q `[B, H_q, D]`; tables `[B, N]` and ranges `[3, B]` (lengths, sinks, window starts) int32 on q's device;
+    `keep` `[num_blocks, block_size, H_kv]` bool hides the keys before a row's sinks' end that a KV head did not
+    keep."""
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
@@ -67,9 +76,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     _decode[(b, hkv, splits)](
-        q, k_cache, v_cache, tables, ranges, out, lse, scale, b, q.stride(0), q.stride(1), *key_strides(k_cache),
-        *key_strides(v_cache), tables.stride(0), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-        lse.stride(1), G=g, BLOCK_H=pow2(g), BLOCK_N=block_n, D=d, BLOCK_D=pow2(d), BS=bs, SPLITS=splits)
+        q, k_cache, v_cache, tables, ranges, ranges if keep is None else keep.contiguous(), out, lse, scale, b,
+        q.stride(0), q.stride(1), *key_strides(k_cache), *key_strides(v_cache), tables.stride(0), out.stride(0),
+        out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), G=g, BLOCK_H=pow2(g), BLOCK_N=block_n, D=d,
+        BLOCK_D=pow2(d), BS=bs, SPLITS=splits, HKV=hkv, KEEP=keep is not None)
     if splits == 1:
         return out[:, :, 0].to(q.dtype)
     merged, _ = merge_attention_states(out.permute(2, 0, 1, 3), lse.permute(2, 0, 1))

@@ -13,7 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace", &longserve::rotary_inplace, "rotary position embedding on queries and keys, in place");
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
   m.def("paged_decode", &longserve::paged_decode,
-        "paged decode over sinks and a band, read in place, through a block table per row or per row and KV head");
+        "paged decode over sinks and a band, read in place, through a block table per row or per row and KV head",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("ranges"), py::arg("scale"),
+        py::arg("keep") = py::none());
   m.def("paged_prefill", &longserve::paged_prefill,
         "a chunk's queries over the keys each sees (sinks, a band, causal), read in place, into out");
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,

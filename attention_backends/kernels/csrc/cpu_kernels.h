@@ -264,11 +264,16 @@ inline void add_scaled(float* __restrict acc, float w, const scalar_t* __restric
   }
 }
 
-// Softmax state of one query head over n scores, in place: s[t] becomes exp(s[t] - max); returns (max, sum).
+// Softmax state of one query head over n scores, in place: s[t] becomes exp(s[t] - max); returns (max, sum). Scores
+// of -inf are hidden keys: if every one is, the state is (-inf, 0) and s all 0, which `merge_pieces` weighs 0.
 inline std::pair<float, float> exponentiate(float* __restrict s, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : top)
   for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t]);
+  if (top == -std::numeric_limits<float>::infinity()) {
+    std::fill(s, s + n, 0.f);
+    return {top, 0.f};
+  }
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
   for (int64_t t = 0; t < n; ++t) {
@@ -374,7 +379,8 @@ void rotary_inplace(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, 
 void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping);
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                           const torch::Tensor& tables, const torch::Tensor& ranges, double scale);
+                           const torch::Tensor& tables, const torch::Tensor& ranges, double scale,
+                           const c10::optional<torch::Tensor>& keep);
 
 void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo,

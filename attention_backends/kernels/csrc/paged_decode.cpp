@@ -15,6 +15,10 @@
 // Block tables are one per row, or one per row and KV head ([B, H_kv, N], InfLLM-V2's selected blocks): a piece then
 // reads one KV head, and a step's rows and heads still share one parallel loop (one call per KV head left two cores
 // with three pieces each: 2.6x the time of one call on InfLLM-V2's 24 selected blocks at 7.7k).
+//
+// An optional keep mask ([num_blocks, block_size, H_kv] bool, TCA's kept tokens) hides the keys of [0, sink_b) that
+// a KV head did not keep: they are scored like the others and their scores set to -inf before the softmax, which
+// weighs them e^-87 (`exp_nonpositive`'s floor), nothing against a sum of at least 1.
 
 #include <ATen/Parallel.h>
 
@@ -52,7 +56,8 @@ inline void for_each_run(const Piece& w, int64_t sink, int64_t lo, int64_t bs, c
 
 template <int64_t kD, typename scalar_t>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-            const torch::Tensor& tables, const torch::Tensor& ranges, double scale, torch::Tensor& out) {
+            const torch::Tensor& tables, const torch::Tensor& ranges, const bool* keep, double scale,
+            torch::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv, width = tables.size(-1);
   const bool per_head = tables.dim() == 3;
@@ -108,6 +113,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
         const scalar_t* kb = kp + block * ks.block + off * ks.pos;
         for (int64_t h = h0; h < h1; ++h)
           score_run<kD>(kb + h * ks.head, ks, run, qf + h * G * D, G, D, s + h * G * kSpan + at, kSpan);
+        if (keep == nullptr || w.first + at >= sink) return;  // a run lies wholly before or after the sinks' end
+        constexpr float kHidden = -std::numeric_limits<float>::infinity();
+        const bool* kept = keep + (block * bs + off) * Hkv;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t t = 0; t < run; ++t)
+            if (!kept[t * Hkv + h])
+              for (int64_t c = h * G; c < (h + 1) * G; ++c) s[c * kSpan + at + t] = kHidden;
       });
       for (int64_t c = h0 * G; c < h1 * G; ++c)
         std::tie(mx[i * Hq + c], sum[i * Hq + c]) = exponentiate(&s[c * kSpan], n);
@@ -144,8 +156,14 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
 }  // namespace
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                           const torch::Tensor& tables, const torch::Tensor& ranges, double scale) {
+                           const torch::Tensor& tables, const torch::Tensor& ranges, double scale,
+                           const c10::optional<torch::Tensor>& keep) {
   check_query_and_cache(q, k_cache, v_cache, tables);
+  TORCH_CHECK(!keep || (keep->scalar_type() == torch::kBool && keep->is_contiguous() && keep->dim() == 3 &&
+                        keep->size(0) == k_cache.size(0) && keep->size(1) == k_cache.size(1) &&
+                        keep->size(2) == k_cache.size(2)),
+              "keep must be a contiguous bool [num_blocks, block_size, H_kv] tensor");
+  const bool* kept = keep ? keep->data_ptr<bool>() : nullptr;
   TORCH_CHECK(tables.dim() == 2 || (tables.dim() == 3 && tables.size(1) == k_cache.size(2)),
               "block tables must be [B, N], or [B, H_kv, N] for a table per KV head");
   TORCH_CHECK(ranges.scalar_type() == torch::kInt32 && ranges.is_contiguous() && ranges.size(0) == 3 &&
@@ -155,9 +173,9 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t D = q.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
     // The common head dims compiled with D fixed, so the loops over it unroll.
-    if (D == 64) decode<64, scalar_t>(q, k_cache, v_cache, tables, ranges, scale, out);
-    else if (D == 128) decode<128, scalar_t>(q, k_cache, v_cache, tables, ranges, scale, out);
-    else decode<0, scalar_t>(q, k_cache, v_cache, tables, ranges, scale, out);
+    if (D == 64) decode<64, scalar_t>(q, k_cache, v_cache, tables, ranges, kept, scale, out);
+    else if (D == 128) decode<128, scalar_t>(q, k_cache, v_cache, tables, ranges, kept, scale, out);
+    else decode<0, scalar_t>(q, k_cache, v_cache, tables, ranges, kept, scale, out);
   });
   return out;
 }
