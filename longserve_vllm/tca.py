@@ -5,8 +5,8 @@ When a block completes, its last query decides how many of its tokens each KV he
 (`attention_backends.tca.keep_masks`, longserve's rule); the masks are kept in a table indexed by vLLM's block id,
 one per layer, and rewritten whenever the block completes again. Once a sequence holds `dense_len` tokens, a query
 sees, per KV head, the kept tokens of the blocks behind its local window and every token from there on, the set
-longserve's engine attends to after compacting. A decode runs the kernel layer's paged decode with the mask (the
-C++ kernel on the CPU, reading the cache in place); prefill chunks gather their context and mask it, tile by tile.
+longserve's engine attends to after compacting: the kernel layer's attention over key ranges, the front as sink
+keys under the mask (on the CPU the C++ kernels, reading vLLM's cache in place).
 The memory saving is not here: vLLM's page holds all KV heads of a layer, and its scheduler, which alone frees
 blocks, never sees attention scores; longserve's engine gives the evicted tokens' blocks back to its pool. Keep
 masks are decided by a request's own queries, so prefix caching is refused, as longserve's engine keeps TCA
@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from vllm.config import get_current_vllm_config
 
-from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
-from attention_backends.kernels.paged import cdiv, gather_range, row_index, sdpa
-from attention_backends.tca import TILE, TCAParams, completed_blocks, frontier, keep_masks
+from attention_backends.kernels.ranges import RangeRow, RangeWork, attend_ranges, range_work
+from attention_backends.tca import TCAParams, completed_blocks, frontier, keep_masks
 from longserve_vllm.backend import LongserveBackend, RangeImpl
 from longserve_vllm.config import LongserveConfigError
 from longserve_vllm.metadata import StepRow
@@ -33,9 +32,7 @@ from longserve_vllm.metadata import StepRow
 @dataclass(frozen=True, slots=True)
 class TCAWork:
     rows: tuple[StepRow, ...]  # every row: the blocks it completes get their keep masks from its queries
-    chunks: tuple[StepRow, ...]  # rows of more than one query, attended tile by tile
-    decode_rows: torch.Tensor | slice  # decodes (`row_index`): the kernel layer's paged decode with the keep mask
-    decode: DecodePlan | None  # their front [0, frontier) under the mask, the band from the frontier whole
+    ranges: RangeWork  # each row over its front [0, frontier) as sink keys under the keep mask, whole from there on
 
 
 class TCAImpl(RangeImpl):
@@ -60,40 +57,23 @@ class TCAImpl(RangeImpl):
         self.keep: dict[int, torch.Tensor] = {}  # per layer: [num_blocks, block_size, H_kv], kept tokens
 
     def plan(self, kind: Hashable, rows: list[StepRow], geometry: dict[str, Any]) -> TCAWork:
-        bs = geometry["block_size"]
-        decodes = [r for r in rows if r.length == 1]
-        fronts = [frontier(r.start, bs, self.params) for r in decodes]
-        plan = decode_plan([r.block_table for r in decodes], [r.start + 1 for r in decodes], bs, fronts,
-                           [r.start + 1 - f for r, f in zip(decodes, fronts)], geometry["device"]) if decodes else None
-        return TCAWork(tuple(rows), tuple(r for r in rows if r.length > 1), row_index([r.row for r in decodes]), plan)
+        fronts = [frontier(r.start, geometry["block_size"], self.params) for r in rows]
+        return TCAWork(tuple(rows), range_work([RangeRow(r.row, r.block_table, r.start, r.length, sinks=f, lo=f)
+                                                for r, f in zip(rows, fronts)], **geometry))
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: TCAWork) -> None:
         num_blocks, bs, hkv = k_cache.shape[:3]
         if layer_index not in self.keep:
             self.keep[layer_index] = torch.ones(num_blocks, bs, hkv, dtype=torch.bool, device=k_cache.device)
-        keep, group = self.keep[layer_index], self.num_heads // self.num_kv_heads
+        keep = self.keep[layer_index]
         for r in work.rows:
             blocks, last = completed_blocks(r.start, r.length, bs)
             if len(blocks):
                 ids = r.block_table[blocks].to(k_cache.device)
                 thresholds = self.thresholds[layer_index].to(k_cache.device)
                 keep[ids] = keep_masks(q[:, r.row + last], k_cache[ids], thresholds, self.scale)
-        if work.decode is not None:
-            rows = work.decode_rows
-            out[:, rows] = paged_decode(q[:, rows].transpose(0, 1), k_cache, v_cache, work.decode, self.scale,
-                                        keep).transpose(0, 1)
-        for r in work.chunks:
-            first = frontier(r.start, bs, self.params)
-            for t0 in range(0, r.length, TILE):
-                n, pos = min(TILE, r.length - t0), r.start + t0
-                keys, values = gather_range(k_cache, v_cache, r.block_table, 0, pos + n)
-                kept = keep[r.block_table[: cdiv(first, bs)].to(k_cache.device)].flatten(0, 1)[:first].T  # [H_kv, F]
-                causal = torch.arange(first, pos + n) <= torch.arange(pos, pos + n).unsqueeze(1)  # [n, L - F]
-                recent = causal.to(kept.device)
-                mask = torch.cat([kept.unsqueeze(1).expand(-1, n, -1), recent.expand(hkv, -1, -1)], -1)
-                rows = slice(r.row + t0, r.row + t0 + n)
-                out[:, rows] = sdpa(q[:, rows], keys, values, self.scale, mask=mask.repeat_interleave(group, 0))
+        attend_ranges(out, q, k, v, k_cache, v_cache, work.ranges, self.scale, keep)
 
 
 class TCABackend(LongserveBackend):

@@ -234,6 +234,29 @@ def test_prefill_over_key_ranges(monkeypatch, kernels, layout, fresh, case):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "vllm-cpu"])
+@pytest.mark.parametrize("case", [(300, 200, 256, 256, None), (100, 300, 20, 0, 64)], ids=["tca-front", "swaa"])
+def test_prefill_with_a_keep_mask(monkeypatch, kernels, layout, case):
+    """A keep mask hides, per KV head, the sink keys it does not hold: TCA's front before its frontier (at 256: the C++
+    kernel's first two 128-key tiles, the second kept by no head), or SWAA's sinks under a window."""
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    cached, t, sinks, lo, window = case
+    n = cached + t
+    kc, vc, [(table, k, v)] = filled(layout, [n], d=64, bs=32)
+    keep = torch.rand(NB, 32, HKV, generator=torch.Generator().manual_seed(2)) < 0.5
+    keep[table[4:8]] = False
+    q = torch.randn(HQ, t, 64)
+    got = paged_prefill(q, kc, vc, table, prefill_plan(cached, t, sinks=sinks, lo=lo, window=window), 0.125,
+                        keep=keep)
+    qpos, kpos = torch.arange(cached, n)[:, None], torch.arange(n)
+    kept = keep[table].flatten(0, 1)[:n].T[:, None, :]  # [H_kv, 1, n]
+    in_band = (kpos >= lo) & ((qpos - kpos < window) if window else True)
+    visible = (kpos <= qpos) & (((kpos < sinks) & kept) | in_band)  # [H_kv, t, n]
+    want = masked_attention(q, k, v, visible.repeat_interleave(HQ // HKV, 0), 0.125)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 CPP_PREFILL = {  # name: (query heads, KV heads, head dim, dtype, (cached, chunk, sinks, lo, window))
     # The embedded model's geometry: 16 positions a group of rows, four groups a task, so this chunk is four tasks
     # a KV head, and its last task is a group and a bit, the bit's rows padded.

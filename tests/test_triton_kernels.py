@@ -90,6 +90,25 @@ PREFILL = [  # (group, head_dim, dtype, chunks as (cached, length, sinks, lo, wi
 ]
 
 
+def test_prefill_with_a_keep_mask(monkeypatch):
+    """Sink keys seen only where their KV head kept them (TCA's front, SWAA's sinks), two chunks in one launch."""
+    chunks = [(100, 40, 64, 64, None), (60, 30, 20, 0, 16)]
+    kc, vc, tables, g = filled([c + t for c, t, *_ in chunks], 3, 64, torch.float32)
+    keep = torch.rand(NB, BS, HKV, generator=g) < 0.5
+    total = sum(t for _, t, *_ in chunks)
+    q = torch.randn(HKV * 3, total, 64, generator=g)
+    outs = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+        rows, batch = 0, []
+        for (c, t, sinks, lo, window), table in zip(chunks, tables):
+            batch.append((rows, table, prefill_plan(c, t, sinks=sinks, lo=lo, window=window)))
+            rows += t
+        outs[kernels] = torch.empty_like(q)
+        prefill_into(outs[kernels], q, None, None, kc, vc, prefill_batch(batch, 3, num_blocks=NB), 0.125, keep)
+    same(outs["triton"], outs["torch"], torch.float32)
+
+
 @pytest.mark.parametrize(("group", "d", "dtype", "chunks"), PREFILL)
 def test_prefill_chunks_in_one_launch(monkeypatch, group, d, dtype, chunks):
     kc, vc, tables, g = filled([c + t for c, t, *_ in chunks], group, d, dtype)

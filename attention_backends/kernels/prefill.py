@@ -19,7 +19,7 @@ import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.merge import merge_attention_states
-from attention_backends.kernels.paged import gather_range, padded_tables, sdpa
+from attention_backends.kernels.paged import gather_range, padded_tables, sdpa, take_blocks
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
 
@@ -90,14 +90,16 @@ def prefill_plan(start: int, length: int, *, sinks: int = 0, lo: int = 0, window
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                  plan: PrefillPlan, scale: float, fresh: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+                  plan: PrefillPlan, scale: float, fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
     """q `[H_q, T, D]` at positions `plan.start..`, over its visible keys read through the block table (the
-    chunk's own ones from `fresh` `[H_kv, T, D]`, when given: what the cache holds there) -> `[H_q, T, D]`."""
+    chunk's own ones from `fresh` `[H_kv, T, D]`, when given: what the cache holds there) -> `[H_q, T, D]`. `keep`
+    `[num_blocks, block_size, H_kv]` bool (TCA's kept tokens): a sink key is seen by a KV head's queries only where it
+    holds."""
     if plan.kernel is not None:
         out = torch.empty_like(q)
         batch = prefill_batch([(0, block_table, plan)], q.shape[0] // k_cache.shape[2], q.device)
-        prefill_into(out, q, None, None, k_cache, v_cache, batch, scale)
+        prefill_into(out, q, None, None, k_cache, v_cache, batch, scale, keep)
         return out
     end = plan.start + plan.length
     if plan.tiles[0].causal and plan.band_lo < plan.start:  # context and chunk read apart: no concatenation
@@ -120,7 +122,14 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             kt, vt = keys[:, : tile.w1], values[:, : tile.w1]
         else:
             kt, vt = (torch.cat([t[:, : tile.sink_end], t[:, tile.w0 : tile.w1]], dim=1) for t in (keys, values))
-        return sdpa(q[:, tile.q0 : tile.q1], kt, vt, scale, mask=tile.mask, causal=tile.causal)
+        mask = tile.mask
+        if keep is not None and tile.sink_end:  # per KV head: its unkept sink keys hidden, for its query heads
+            bs = k_cache.shape[1]
+            kept = take_blocks(keep, block_table[: -(-tile.sink_end // bs)]).flatten(0, 1)[: tile.sink_end].T
+            hidden = torch.zeros(kept.shape[0], 1, kt.shape[1], dtype=mask.dtype, device=mask.device)
+            hidden[:, 0, : tile.sink_end].masked_fill_(~kept.to(mask.device), float("-inf"))
+            mask = (mask + hidden).repeat_interleave(q.shape[0] // kt.shape[0], 0)
+        return sdpa(q[:, tile.q0 : tile.q1], kt, vt, scale, mask=mask, causal=tile.causal)
 
     if len(plan.tiles) == 1:
         return attend(plan.tiles[0])
@@ -182,13 +191,17 @@ def prefill_batch(chunks: Sequence[tuple[int, torch.Tensor, PrefillPlan]], group
 
 
 def prefill_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch, scale: float) -> None:
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch, scale: float,
+                 keep: torch.Tensor | None = None) -> None:
     """Each chunk's rows of `out` `[H_q, T, D]` from `q`; fresh `k`/`v` `[H_kv, T, D]` (what the cache holds at those
-    rows) spare the reference a read of the chunk's own keys."""
+    rows) spare the reference a read of the chunk's own keys; `keep` as in `paged_prefill`."""
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != k_cache.shape[:3]):
+        raise ValueError(f"keep must be a bool tensor of shape {tuple(k_cache.shape[:3])}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
     if batch.triton is not None:
         from attention_backends.kernels import triton_prefill
 
-        triton_prefill.prefill_into(out, q, k_cache, v_cache, *batch.triton, scale)
+        triton_prefill.prefill_into(out, q, k_cache, v_cache, *batch.triton, scale, keep=keep)
         return
     for row, table, plan in batch.chunks:
         rows = slice(row, row + plan.length)
@@ -197,7 +210,7 @@ def prefill_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v: 
 
             window = -1 if plan.window is None else plan.window
             cpu_ext.load().paged_prefill(out[:, rows], q[:, rows], k_cache, v_cache, table, plan.start, plan.sinks,
-                                         plan.lo, window, scale)
+                                         plan.lo, window, scale, None if keep is None else keep.contiguous())
             continue
         fresh = None if k is None else (k[:, rows], v[:, rows])
-        out[:, rows] = paged_prefill(q[:, rows], k_cache, v_cache, table, plan, scale, fresh)
+        out[:, rows] = paged_prefill(q[:, rows], k_cache, v_cache, table, plan, scale, fresh, keep)

@@ -20,9 +20,10 @@ BLOCK_N = 32  # keys per tile
 
 
 @triton.jit
-def _prefill(q, k_cache, v_cache, out, tables, chunks, tiles, scale, n_chunks, n_tiles, s_qh, s_qt, s_oh, s_ot,
+def _prefill(q, k_cache, v_cache, out, tables, chunks, tiles, keep, scale, n_chunks, n_tiles, s_qh, s_qt, s_oh, s_ot,
              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_tb, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-             BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr):
+             BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, HKV: tl.constexpr,
+             KEEP: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
     c = tl.load(tiles + tile)
     q0 = tl.load(tiles + n_tiles + tile)
@@ -51,7 +52,11 @@ def _prefill(q, k_cache, v_cache, out, tables, chunks, tiles, scale, n_chunks, n
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx < sink_end
         kt, vt = load_kv(k_cache, v_cache, table, idx, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask, BS)
-        m_i, l_i, acc = attend_tile(qt, kt, vt, rmask[:, None] & valid[None, :], m_i, l_i, acc, scale)
+        seen = valid
+        if KEEP:  # only the sink keys this KV head kept
+            block = tl.load(table + idx // BS, mask=valid, other=0).to(tl.int64)
+            seen = valid & (tl.load(keep + (block * BS + idx % BS) * HKV + h, mask=valid, other=0) != 0)
+        m_i, l_i, acc = attend_tile(qt, kt, vt, rmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     for j in range(w, last + 1, BLOCK_N):  # the band: causal, from lo, inside the window unless a sink
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx <= last
@@ -70,16 +75,20 @@ def block_q(group: int) -> int:
 
 
 def prefill_into(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 tables: torch.Tensor, chunks: torch.Tensor, tiles: torch.Tensor, scale: float) -> None:
+                 tables: torch.Tensor, chunks: torch.Tensor, tiles: torch.Tensor, scale: float,
+                 keep: torch.Tensor | None = None) -> None:
     """q and out `[H_q, T, D]` (packed rows of the step); tables `[C, N]`, chunks `[6, C]` (first row, start, length,
-    sinks, lo, window or -1) and tiles `[2, n]` (chunk, first query), int32 on q's device."""
+    sinks, lo, window or -1) and tiles `[2, n]` (chunk, first query), int32 on q's device; `keep` `[num_blocks,
+    block_size, H_kv]` bool hides the sink keys a KV head did not keep."""
     hq, _, d = q.shape
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
     g = hq // hkv
     n_tiles = tiles.shape[1]
     if not n_tiles:
         return
-    _prefill[(n_tiles, hkv)](q, k_cache, v_cache, out, tables, chunks, tiles, scale, chunks.shape[1], n_tiles,
+    _prefill[(n_tiles, hkv)](q, k_cache, v_cache, out, tables, chunks, tiles,
+                             chunks if keep is None else keep.contiguous(), scale, chunks.shape[1], n_tiles,
                              q.stride(0), q.stride(1), out.stride(0), out.stride(1), *key_strides(k_cache),
                              *key_strides(v_cache), tables.stride(0), G=g, BLOCK_M=pow2(g * block_q(g)),
-                             BLOCK_Q=block_q(g), BLOCK_N=BLOCK_N, D=d, BLOCK_D=pow2(d), BS=bs)
+                             BLOCK_Q=block_q(g), BLOCK_N=BLOCK_N, D=d, BLOCK_D=pow2(d), BS=bs, HKV=hkv,
+                             KEEP=keep is not None)

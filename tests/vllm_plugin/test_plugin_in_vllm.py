@@ -72,14 +72,16 @@ def stock(tiny, prompts):
     return vllm_greedy(tiny, prompts)
 
 
-def longserve_engine(tiny, block_size: int = 16) -> LLMEngine:
-    return LLMEngine(EngineConfig(num_kv_blocks=6400 // block_size, max_model_len=1024, block_size=block_size),
-                     loaded=tiny)
+def longserve_engine(tiny, block_size: int = 16, **config) -> LLMEngine:
+    return LLMEngine(EngineConfig(num_kv_blocks=6400 // block_size, max_model_len=1024, block_size=block_size,
+                                  **config), loaded=tiny)
 
 
-def longserve_greedy(tiny, prompts, backend: str = "sliding_window", page: int = 16, **params) -> list[list[int]]:
-    """longserve's engine's tokens; a method whose blocks are vLLM's pages (InfLLM-V2's, TCA's) runs vLLM's 32."""
-    return [t for t, _ in greedy_with_logprobs(longserve_engine(tiny, page), prompts,
+def longserve_greedy(tiny, prompts, backend: str = "sliding_window", page: int = 16, config: dict | None = None,
+                     **params) -> list[list[int]]:
+    """longserve's engine's tokens; a method whose blocks are vLLM's pages (InfLLM-V2's, TCA's) runs vLLM's 32;
+    `config`: more of the engine's config (its chunking)."""
+    return [t for t, _ in greedy_with_logprobs(longserve_engine(tiny, page, **(config or {})), prompts,
                                                attention_backend=backend, attention_params=params)]
 
 
@@ -194,6 +196,16 @@ def test_tca_gives_longserves_own_tokens(tiny, prompts, stock, tca_artifact):
     got = vllm_greedy(tiny, prompts, "LONGSERVE_TCA", params, enable_prefix_caching=False)  # chunked alike
     assert got == longserve_greedy(tiny, prompts, "tca", page=32, **params)
     assert got != stock
+
+
+def test_tca_in_100_token_chunks_gives_longserves_own_tokens(tiny, prompts, tca_artifact):
+    """Chunks after the frontier: each sees the kept tokens of the blocks behind it (the prefill kernel's keep mask),
+    one request at a time in both hosts so that their chunks start alike."""
+    params = {**TCA_SPARSE, "calibration": tca_artifact}
+    got = vllm_greedy(tiny, prompts, "LONGSERVE_TCA", params, enable_prefix_caching=False, max_num_batched_tokens=100,
+                      max_num_seqs=1)
+    assert got == longserve_greedy(tiny, prompts, "tca", page=32, config={"max_num_batched_tokens": 100,
+                                                                           "max_num_seqs": 1}, **params)
 
 
 def test_release_kv_frees_blocks_and_changes_no_token(tiny, prompts):

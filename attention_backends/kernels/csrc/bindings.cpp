@@ -17,7 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("ranges"), py::arg("scale"),
         py::arg("keep") = py::none());
   m.def("paged_prefill", &longserve::paged_prefill,
-        "a chunk's queries over the keys each sees (sinks, a band, causal), read in place, into out");
+        "a chunk's queries over the keys each sees (sinks, a band, causal), read in place, into out", py::arg("out"),
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("table"), py::arg("start"), py::arg("sinks"),
+        py::arg("lo"), py::arg("window"), py::arg("scale"), py::arg("keep") = py::none());
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,
         "decode over each key set's top keys by low-rank scores, read in place");
   m.def("select_decode_pages", &longserve::select_decode_pages,

@@ -366,6 +366,14 @@ inline void check_query_and_cache(const torch::Tensor& q, const torch::Tensor& k
               "head dim must match the caches and be <= ", kMaxDim);
 }
 
+// A keep mask, when given: a contiguous bool [num_blocks, block_size, H_kv] beside the cache (TCA's kept tokens).
+inline void check_keep(const c10::optional<torch::Tensor>& keep, const torch::Tensor& k_cache) {
+  TORCH_CHECK(!keep || (keep->scalar_type() == torch::kBool && keep->is_contiguous() && keep->dim() == 3 &&
+                        keep->size(0) == k_cache.size(0) && keep->size(1) == k_cache.size(1) &&
+                        keep->size(2) == k_cache.size(2)),
+              "keep must be a contiguous bool [num_blocks, block_size, H_kv] tensor");
+}
+
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& weight,
                           const c10::optional<torch::Tensor>& bias);
 
@@ -384,7 +392,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
 
 void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo,
-                   int64_t window, double scale);
+                   int64_t window, double scale, const c10::optional<torch::Tensor>& keep);
 
 torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
                                   const torch::Tensor& v_cache, const torch::Tensor& tables,

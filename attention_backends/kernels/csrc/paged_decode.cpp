@@ -159,10 +159,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& tables, const torch::Tensor& ranges, double scale,
                            const c10::optional<torch::Tensor>& keep) {
   check_query_and_cache(q, k_cache, v_cache, tables);
-  TORCH_CHECK(!keep || (keep->scalar_type() == torch::kBool && keep->is_contiguous() && keep->dim() == 3 &&
-                        keep->size(0) == k_cache.size(0) && keep->size(1) == k_cache.size(1) &&
-                        keep->size(2) == k_cache.size(2)),
-              "keep must be a contiguous bool [num_blocks, block_size, H_kv] tensor");
+  check_keep(keep, k_cache);
   const bool* kept = keep ? keep->data_ptr<bool>() : nullptr;
   TORCH_CHECK(tables.dim() == 2 || (tables.dim() == 3 && tables.size(1) == k_cache.size(2)),
               "block tables must be [B, N], or [B, H_kv, N] for a table per KV head");

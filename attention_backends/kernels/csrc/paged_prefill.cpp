@@ -15,7 +15,8 @@
 // 0.75-0.77x over a 7.7k prompt's chunks (benchmarks/bench_prefill_kernel.py).
 //
 // The block table is the chunk's, or one per KV head ([H_kv, N]): InfLLM-V2's query groups read their selected blocks
-// that way, at the positions those blocks take in the table.
+// that way, at the positions those blocks take in the table. An optional keep mask ([num_blocks, block_size, H_kv]
+// bool, TCA's kept tokens) hides the sink keys ([0, sinks)) a KV head did not keep, as the band's mask hides keys.
 
 #include <ATen/Parallel.h>
 
@@ -100,15 +101,18 @@ inline void add_values_tile(float* ot, const float* scale, const float* p, const
 }
 
 // One group over keys [k0, k0 + n) (`padded` of them scored; those past n are masked): the online softmax's step.
+// `kept` (null: all) says which of the tile's keys the group's KV head kept.
 template <typename scalar_t>
 void attend_tile(Group& g, const float* qt, float* ot, const scalar_t* const* keys, const scalar_t* const* values,
-                 int64_t kdim, int64_t vdim, int64_t D, int64_t k0, int64_t n, int64_t padded, float* s) {
+                 int64_t kdim, int64_t vdim, int64_t D, int64_t k0, int64_t n, int64_t padded, const bool* kept,
+                 float* s) {
   score_tile(qt, keys, kdim, D, padded, s);
   const int64_t k1 = k0 + n;
-  const bool whole = n == padded && (k1 <= g.a_min || (k0 >= g.b_max && k1 <= g.hi_min));
+  const bool whole = !kept && n == padded && (k1 <= g.a_min || (k0 >= g.b_max && k1 <= g.hi_min));
   if (!whole) {
     for (int64_t t = 0; t < padded; ++t) {
-      const int32_t key = t < n ? static_cast<int32_t>(k0 + t) : std::numeric_limits<int32_t>::max();
+      const bool hidden = t >= n || (kept && !kept[t]);
+      const int32_t key = hidden ? std::numeric_limits<int32_t>::max() : static_cast<int32_t>(k0 + t);
       float* st = s + t * kRows;
 #pragma omp simd
       for (int64_t r = 0; r < kRows; ++r)
@@ -146,7 +150,8 @@ void attend_tile(Group& g, const float* qt, float* ot, const scalar_t* const* ke
 
 template <typename scalar_t>
 void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-             const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo, int64_t window, double scale) {
+             const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo, int64_t window, const bool* keep,
+             double scale) {
   const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv;
   const int64_t positions = kRows / G;  // query positions of a group: G rows each
@@ -180,6 +185,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
     std::vector<Group> groups(kGroups);
     const scalar_t* keys[kKeys];
     const scalar_t* values[kKeys];
+    bool kept[kKeys];
     // The last positions (the most keys) first: what is left at the end is short.
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
       const int64_t h = task % Hkv, chunk0 = (tasks_per_head - 1 - task / Hkv) * per_task;
@@ -218,7 +224,8 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
       }
       sink_end = std::min(sink_end, band_lo);  // sink keys the band does not cover
       // The task's keys: [0, sink_end), then [band_lo, key_end), in tiles of kKeys.
-      auto run_tiles = [&](int64_t from, int64_t to) {
+      // `masked`: the keep mask applies (the sink keys).
+      auto run_tiles = [&](int64_t from, int64_t to, bool masked) {
         for (int64_t k0 = from; k0 < to; k0 += kKeys) {
           const int64_t n = std::min(kKeys, to - k0), padded = (n + kKeyStep - 1) / kKeyStep * kKeyStep;
           for (int64_t t = 0; t < padded; ++t) {
@@ -226,6 +233,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
             const int64_t block = head_blocks[pos / bs], off = pos % bs;
             keys[t] = kp + block * ks.block + off * ks.pos + h * ks.head;
             values[t] = vp + block * vs.block + off * vs.pos + h * vs.head;
+            if (masked) kept[t] = keep[(block * bs + off) * Hkv + h];
           }
           for (int64_t gi = 0; gi < count; ++gi) {
             Group& g = groups[gi];
@@ -233,12 +241,12 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
             // On the diagonal a group stops at its own last key, not the task's: up to 48 keys fewer to score.
             const int64_t seen = std::min(n, g.hi_max - k0);
             attend_tile(g, qt + gi * D * kRows, ot + gi * D * kRows, keys, values, ks.dim, vs.dim, D, k0, seen,
-                        (seen + kKeyStep - 1) / kKeyStep * kKeyStep, s);
+                        (seen + kKeyStep - 1) / kKeyStep * kKeyStep, masked ? kept : nullptr, s);
           }
         }
       };
-      run_tiles(0, sink_end);
-      run_tiles(band_lo, key_end);
+      run_tiles(0, sink_end, keep != nullptr);
+      run_tiles(band_lo, key_end, false);
       for (int64_t gi = 0; gi < count; ++gi) {
         const Group& g = groups[gi];
         const float* go = ot + gi * D * kRows;
@@ -258,7 +266,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
 
 void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tensor& k_cache,
                    const torch::Tensor& v_cache, const torch::Tensor& table, int64_t start, int64_t sinks, int64_t lo,
-                   int64_t window, double scale) {
+                   int64_t window, double scale, const c10::optional<torch::Tensor>& keep) {
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [H_q, T, D] tensors of one shape");
   TORCH_CHECK(q.device().is_cpu() && out.device().is_cpu() && k_cache.device().is_cpu() &&
                   v_cache.device().is_cpu() && table.device().is_cpu(),
@@ -284,9 +292,11 @@ void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tenso
   for (int64_t row = 0; row < table.numel() / width; ++row)
     for (int64_t j = 0; j < used; ++j)
       TORCH_CHECK(0 <= blocks[row * width + j] && blocks[row * width + j] < k_cache.size(0), "block id out of range");
+  check_keep(keep, k_cache);
   if (q.size(1) == 0) return;
+  const bool* kept = keep ? keep->data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_prefill", [&] {
-    prefill<scalar_t>(out, q, k_cache, v_cache, table, start, sinks, lo, window, scale);
+    prefill<scalar_t>(out, q, k_cache, v_cache, table, start, sinks, lo, window, kept, scale);
   });
 }
 
