@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
-from attention_backends.kernels.paged import sdpa, take_blocks
+from attention_backends.kernels.paged import cdiv, padded_tables, sdpa, take_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,22 +39,23 @@ def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], b
                 sinks: Sequence[int] | None = None, windows: Sequence[int | None] | None = None,
                 device: torch.device | str = "cpu", num_blocks: int | None = None) -> DecodePlan:
     """Plan rows over their sequences' block tables, with per-row sink counts and windows (None: no window)."""
-    bs, lens = block_size, torch.tensor(list(seq_lens))
-    lo = torch.zeros_like(lens)
-    if windows is not None:
-        win = torch.tensor([-1 if w is None else w for w in windows])
-        lo = torch.where(win >= 0, (lens - win).clamp_min(0), 0)
-    sink = torch.minimum(torch.tensor(list(sinks)), lo) if sinks is not None else torch.zeros_like(lens)
-    last = (lens + bs - 1) // bs
-    full = torch.zeros(len(lens), int(last.max()), dtype=torch.long)
-    for i, (table, n) in enumerate(zip(block_tables, last.tolist())):
-        full[i, :n] = table[:n]
+    # In Python numbers, then one tensor each: a step's plan is built once, but right after the model's weights have
+    # gone through the caches, where each small torch op costs several times what it costs in a loop.
+    bs, n_rows = block_size, len(seq_lens)
+    lens = [int(n) for n in seq_lens]
+    los = [0 if w is None or w < 0 else max(0, n - w) for n, w in zip(lens, windows or [None] * n_rows)]
+    sinks = [min(int(s), lo) for s, lo in zip(sinks or [0] * n_rows, los)]
+    kept_tables = [table[: cdiv(n, bs)] for table, n in zip(block_tables, lens)]
     kernel = "triton" if use_triton(device) else "cpp" if use_cpp(device) else None
     if kernel is not None:
+        full = padded_tables(kept_tables, torch.int32)
         if num_blocks is not None:
             check_ids(full, num_blocks, "block ids")
-        return DecodePlan(full.to(device, torch.int32), ranges=torch.stack([lens, sink, lo]).to(device, torch.int32),
-                          max_keys=int((sink + lens - lo).max()), kernel=kernel)
+        return DecodePlan(full.to(device), ranges=torch.tensor([lens, sinks, los], dtype=torch.int32).to(device),
+                          max_keys=max(s + n - lo for s, n, lo in zip(sinks, lens, los)), kernel=kernel)
+    full = padded_tables(kept_tables)
+    lens, sink, lo = (torch.tensor(x) for x in (lens, sinks, los))
+    last = (lens + bs - 1) // bs
     # Row b reads its sink blocks [0, head_b), then its blocks [first_b, last_b).
     head = (sink + bs - 1) // bs
     first = torch.maximum(head, lo // bs)
