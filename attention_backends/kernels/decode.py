@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
-from attention_backends.kernels.paged import cdiv, padded_tables, sdpa, take_blocks
+from attention_backends.kernels.paged import cdiv, check_keep, padded_tables, sdpa, take_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +75,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """q `[B, H_q, D]`, one query per row, over the keys its plan shows -> `[B, H_q, D]`. `keep` `[num_blocks,
     block_size, H_kv]` bool (TCA's kept tokens): a key before its row's sinks' end is seen by a KV head's queries only
     where it holds; the band from the window's start is seen whole."""
-    if keep is not None and (keep.dtype != torch.bool or keep.shape != k_cache.shape[:3]):
-        raise ValueError(f"keep must be a bool tensor of shape {tuple(k_cache.shape[:3])}, got {keep.dtype} "
-                         f"{tuple(keep.shape)}")
+    check_keep(keep, k_cache)
     if plan.kernel == "cpp":
         from attention_backends.kernels import cpu_ext
 

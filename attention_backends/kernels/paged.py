@@ -21,6 +21,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_keep(keep: torch.Tensor | None, k_cache: torch.Tensor) -> None:
+    """A keep mask (TCA's kept tokens), when given, is a bool `[num_blocks, block_size, H_kv]` beside the cache."""
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != k_cache.shape[:3]):
+        raise ValueError(f"keep must be a bool tensor of shape {tuple(k_cache.shape[:3])}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+
+
 def take_blocks(t: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """`t[block_ids]` of a per-block tensor `[num_blocks, ...]`; a view, not a copy, when the ids are consecutive."""
     flat = block_ids.flatten()

@@ -19,7 +19,7 @@ import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.merge import merge_attention_states
-from attention_backends.kernels.paged import gather_range, padded_tables, sdpa, take_blocks
+from attention_backends.kernels.paged import check_keep, gather_range, padded_tables, sdpa, take_blocks
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
 
@@ -94,8 +94,8 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   keep: torch.Tensor | None = None) -> torch.Tensor:
     """q `[H_q, T, D]` at positions `plan.start..`, over its visible keys read through the block table (the
     chunk's own ones from `fresh` `[H_kv, T, D]`, when given: what the cache holds there) -> `[H_q, T, D]`. `keep`
-    `[num_blocks, block_size, H_kv]` bool (TCA's kept tokens): a sink key is seen by a KV head's queries only where it
-    holds."""
+    `[num_blocks, block_size, H_kv]` bool (TCA's kept tokens): a sink key before the band is seen by a KV head's
+    queries only where it holds; the band is seen whole."""
     if plan.kernel is not None:
         out = torch.empty_like(q)
         batch = prefill_batch([(0, block_table, plan)], q.shape[0] // k_cache.shape[2], q.device)
@@ -195,9 +195,7 @@ def prefill_into(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v: 
                  keep: torch.Tensor | None = None) -> None:
     """Each chunk's rows of `out` `[H_q, T, D]` from `q`; fresh `k`/`v` `[H_kv, T, D]` (what the cache holds at those
     rows) spare the reference a read of the chunk's own keys; `keep` as in `paged_prefill`."""
-    if keep is not None and (keep.dtype != torch.bool or keep.shape != k_cache.shape[:3]):
-        raise ValueError(f"keep must be a bool tensor of shape {tuple(k_cache.shape[:3])}, got {keep.dtype} "
-                         f"{tuple(keep.shape)}")
+    check_keep(keep, k_cache)
     if batch.triton is not None:
         from attention_backends.kernels import triton_prefill
 

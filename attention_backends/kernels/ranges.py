@@ -66,7 +66,7 @@ def attend_ranges(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None, v:
                   keep: torch.Tensor | None = None) -> None:
     """Rows of `out` `[H_q, T, D]` from `q`, over the cache; fresh `k`/`v` `[H_kv, T, D]` (what the cache holds at
     those rows, or None) spare the reference a read of a chunk's own keys. `keep` `[num_blocks, block_size, H_kv]`
-    bool (TCA's kept tokens): a row's sink keys are seen by a KV head's queries only where it holds."""
+    bool (TCA's kept tokens): a row's sink keys before its band are seen by a KV head's queries only where it holds."""
     prefill_into(out, q, k, v, k_cache, v_cache, work.prefill, scale, keep)
     for rows, plan in work.decode:
         out[:, rows] = paged_decode(q[:, rows].transpose(0, 1), k_cache, v_cache, plan, scale, keep).transpose(0, 1)

@@ -16,7 +16,8 @@
 //
 // The block table is the chunk's, or one per KV head ([H_kv, N]): InfLLM-V2's query groups read their selected blocks
 // that way, at the positions those blocks take in the table. An optional keep mask ([num_blocks, block_size, H_kv]
-// bool, TCA's kept tokens) hides the sink keys ([0, sinks)) a KV head did not keep, as the band's mask hides keys.
+// bool, TCA's kept tokens) hides the sink keys before the band ([0, min(sinks, band start))) that a KV head did not
+// keep, as the band's mask hides keys.
 
 #include <ATen/Parallel.h>
 
