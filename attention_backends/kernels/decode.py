@@ -45,15 +45,15 @@ def decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[int], b
     lens = [int(n) for n in seq_lens]
     los = [0 if w is None or w < 0 else max(0, n - w) for n, w in zip(lens, windows or [None] * n_rows)]
     sinks = [min(int(s), lo) for s, lo in zip(sinks or [0] * n_rows, los)]
-    kept_tables = [table[: cdiv(n, bs)] for table, n in zip(block_tables, lens)]
+    row_tables = [table[: cdiv(n, bs)] for table, n in zip(block_tables, lens)]
     kernel = "triton" if use_triton(device) else "cpp" if use_cpp(device) else None
     if kernel is not None:
-        full = padded_tables(kept_tables, torch.int32)
+        full = padded_tables(row_tables, torch.int32)
         if num_blocks is not None:
             check_ids(full, num_blocks, "block ids")
         return DecodePlan(full.to(device), ranges=torch.tensor([lens, sinks, los], dtype=torch.int32).to(device),
                           max_keys=max(s + n - lo for s, n, lo in zip(sinks, lens, los)), kernel=kernel)
-    full = padded_tables(kept_tables)
+    full = padded_tables(row_tables)
     lens, sink, lo = (torch.tensor(x) for x in (lens, sinks, los))
     last = (lens + bs - 1) // bs
     # Row b reads its sink blocks [0, head_b), then its blocks [first_b, last_b).

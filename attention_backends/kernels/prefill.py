@@ -19,7 +19,7 @@ import torch
 
 from attention_backends.kernels.dispatch import check_ids, use_cpp, use_triton
 from attention_backends.kernels.merge import merge_attention_states
-from attention_backends.kernels.paged import check_keep, gather_range, padded_tables, sdpa, take_blocks
+from attention_backends.kernels.paged import cdiv, check_keep, gather_range, padded_tables, sdpa, take_blocks
 
 TILE = 256  # queries per tile under a window: small enough that the band dominates, large enough for the fused kernel
 
@@ -125,7 +125,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         mask = tile.mask
         if keep is not None and tile.sink_end:  # per KV head: its unkept sink keys hidden, for its query heads
             bs = k_cache.shape[1]
-            kept = take_blocks(keep, block_table[: -(-tile.sink_end // bs)]).flatten(0, 1)[: tile.sink_end].T
+            kept = take_blocks(keep, block_table[: cdiv(tile.sink_end, bs)]).flatten(0, 1)[: tile.sink_end].T
             hidden = torch.zeros(kept.shape[0], 1, kt.shape[1], dtype=mask.dtype, device=mask.device)
             hidden[:, 0, : tile.sink_end].masked_fill_(~kept.to(mask.device), float("-inf"))
             mask = (mask + hidden).repeat_interleave(q.shape[0] // kt.shape[0], 0)

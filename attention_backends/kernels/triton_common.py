@@ -64,3 +64,14 @@ def load_kv(k_cache, v_cache, table, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs
     """K and V `[N, D]` of KV head h at positions `pos` of the sequence whose block table is at `table`."""
     block = tl.load(table + pos // BS, mask=valid, other=0).to(tl.int64)
     return load_kv_at(k_cache, v_cache, block, pos % BS, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask)
+
+
+@triton.jit
+def load_kv_kept(k_cache, v_cache, keep, table, pos, valid, front, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims,
+                 dmask, BS: tl.constexpr, HKV: tl.constexpr):
+    """`load_kv`, and which keys KV head h sees: the `valid` ones, less those in `front` that `keep` (a bool
+    `[num_blocks, BS, HKV]` mask, TCA's kept tokens) does not hold."""
+    block = tl.load(table + pos // BS, mask=valid, other=0).to(tl.int64)
+    k, v = load_kv_at(k_cache, v_cache, block, pos % BS, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask)
+    kept = tl.load(keep + (block * BS + pos % BS) * HKV + h, mask=valid & front, other=1)
+    return k, v, valid & (kept != 0)

@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.triton_common import attend_tile, finish, key_strides, load_kv, pow2, softmax_state
+from attention_backends.kernels.triton_common import (
+    attend_tile,
+    finish,
+    key_strides,
+    load_kv,
+    load_kv_kept,
+    pow2,
+    softmax_state,
+)
 from attention_backends.kernels.triton_merge import merge_attention_states
 
 
@@ -39,14 +47,13 @@ def _decode(q, k_cache, v_cache, tables, ranges, keep, out, lse, scale, n_rows, 
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx < j1
         pos = tl.where(idx < sinks, idx, lo + idx - sinks)
-        kt, vt = load_kv(k_cache, v_cache, tables + b * s_tb, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-                         dims, dmask, BS)
-        seen = valid
         if KEEP:  # keys before the sinks' end: only those this KV head kept
-            front = valid & (idx < sinks)
-            block = tl.load(tables + b * s_tb + pos // BS, mask=front, other=0).to(tl.int64)
-            kept = tl.load(keep + (block * BS + pos % BS) * HKV + h, mask=front, other=1)
-            seen = valid & (kept != 0)
+            kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, tables + b * s_tb, pos, valid, idx < sinks, h, s_kb,
+                                        s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask, BS, HKV)
+        else:
+            kt, vt = load_kv(k_cache, v_cache, tables + b * s_tb, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
+                             dims, dmask, BS)
+            seen = valid
         m_i, l_i, acc = attend_tile(qt, kt, vt, hmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     o, e = finish(m_i, l_i, acc)
     omask = hmask[:, None] & dmask[None, :]

@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from attention_backends.kernels.triton_common import attend_tile, finish, key_strides, load_kv, pow2, softmax_state
+from attention_backends.kernels.triton_common import (
+    attend_tile,
+    finish,
+    key_strides,
+    load_kv,
+    load_kv_kept,
+    pow2,
+    softmax_state,
+)
 
 BLOCK_M = 64  # rows per program: queries x the heads of a KV group
 BLOCK_N = 32  # keys per tile
@@ -51,11 +59,13 @@ def _prefill(q, k_cache, v_cache, out, tables, chunks, tiles, keep, scale, n_chu
     for j in range(0, sink_end, BLOCK_N):  # sink (or anchor) keys: before every query, visible to all
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx < sink_end
-        kt, vt = load_kv(k_cache, v_cache, table, idx, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask, BS)
-        seen = valid
         if KEEP:  # only the sink keys this KV head kept
-            block = tl.load(table + idx // BS, mask=valid, other=0).to(tl.int64)
-            seen = valid & (tl.load(keep + (block * BS + idx % BS) * HKV + h, mask=valid, other=0) != 0)
+            kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, table, idx, valid, valid, h, s_kb, s_ks, s_kh, s_vb,
+                                        s_vs, s_vh, dims, dmask, BS, HKV)
+        else:
+            kt, vt = load_kv(k_cache, v_cache, table, idx, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask,
+                             BS)
+            seen = valid
         m_i, l_i, acc = attend_tile(qt, kt, vt, rmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     for j in range(w, last + 1, BLOCK_N):  # the band: causal, from lo, inside the window unless a sink
         idx = j + tl.arange(0, BLOCK_N)
