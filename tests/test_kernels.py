@@ -5,6 +5,11 @@ block tables."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from backend_harness import masked_attention
@@ -335,7 +340,7 @@ def test_cpp_prefill_refuses_bad_tables_and_groups(monkeypatch):
     with pytest.raises(RuntimeError, match="a table per KV head"):
         prefill(torch.empty_like(q), q, kc, vc, torch.stack([table.int()] * (HKV + 1)), 32, 0, 0, -1, SCALE)
     q = torch.randn(49 * HKV, 8, D)
-    with pytest.raises(RuntimeError, match="at most 48 per KV head"):
+    with pytest.raises(RuntimeError, match=r"at most \d+ per KV head"):
         prefill(torch.empty_like(q), q, kc, vc, table.int(), 32, 0, 0, -1, SCALE)
 
 
@@ -447,3 +452,20 @@ def test_cpp_topk_decode_refuses_a_row_that_keeps_nothing(monkeypatch):
     plan = topk_decode_plan([table], [40], [Rule(0, 0, 0.0, 0, 0)], num_blocks=NB)  # no sinks, window or budget
     with pytest.raises(RuntimeError, match="keeps no key"):
         lowrank_topk_decode(torch.randn(1, HQ, D), kc[..., :4], kc, vc, plan, HKV, SCALE)
+
+
+def test_cpp_kernels_in_their_avx2_form():
+    """The C++ kernels built for AVX2 (8-float vectors, 16 registers: other register blocks and reduction trees) pass
+    this file's C++ tests and the model modules' kernel tests, built on an AVX-512 machine with `-mno-avx512f`."""
+    from attention_backends.kernels import cpu_ext
+
+    if cpu_ext.load().vector_lanes != 16:
+        pytest.skip("this machine's own build is the AVX2 form, which the other tests check")
+    root = Path(__file__).parent.parent
+    script = ("import sys, pytest; from attention_backends.kernels import cpu_ext; "
+              "assert cpu_ext.load().vector_lanes == 8, 'not the AVX2 build'; "
+              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_kernels.py', 'tests/test_models.py', "
+              "'-k', '(cpp and not avx2) or cpu_linear or cpu_modules or silu_and_mul or rotary_kernel']))")
+    env = {**os.environ, "LONGSERVE_CPU_FLAGS": "-mno-avx512f"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

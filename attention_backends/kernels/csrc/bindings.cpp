@@ -7,6 +7,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_rows", &longserve::linear_rows, "a linear layer over a few rows, at the speed its weight streams");
   m.attr("max_linear_rows") = longserve::kMaxLinearRows;
+  m.attr("vector_lanes") = longserve::kLanes;  // floats in a vector of the instruction set it was built for
   m.def("rms_norm", &longserve::rms_norm, "RMSNorm over rows, after adding a residual if one is given",
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("silu_and_mul", &longserve::silu_and_mul, "silu(gate) * up from rows of gate values followed by up values");

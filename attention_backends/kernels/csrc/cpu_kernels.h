@@ -13,6 +13,10 @@
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,32 +44,45 @@ inline float as_float(T x) {
   return static_cast<float>(x);
 }
 
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in 9 bits
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExpFloor = -87.0f;
+constexpr float kExpRound = 12582912.0f;       // 1.5 * 2^23: x + kExpRound holds round(x) in its low bits
+constexpr int32_t kExpRoundBits = 0x4B400000;  // kExpRound's own bits
+
 // exp(x) for x <= 0 to about one ulp (Cephes' expf), in a form loops over it vectorize (std::exp does not):
 // 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, n found by adding 1.5 * 2^23 (the sum's low bits are
 // n). Below -87 the result (< 2^-125) is kept normal: against a row's sum of exponentials (>= 1) it is nothing.
 inline float exp_nonpositive(float x) {
-  constexpr float kRound = 12582912.0f;
-  x = x < -87.0f ? -87.0f : x;
-  const float shifted = x * 1.44269504088896341f + kRound;
-  const float n = shifted - kRound;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  x = x < kExpFloor ? kExpFloor : x;
+  const float shifted = x * kLog2e + kExpRound;
+  const float n = shifted - kExpRound;
+  const float r = x - n * kLn2Hi - n * kLn2Lo;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r * r + r + 1.0f;
   int32_t bits;
   std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - 0x4B400000 + 127) << 23;  // 0x4B400000: kRound's own bits
+  bits = (bits - kExpRoundBits + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
-// 16 floats as one value: the compiler maps it to the machine's vectors (one AVX-512 register, two AVX2, ...).
-using Lanes = float __attribute__((vector_size(64)));
+// The machine's vector of floats: 16 with AVX-512 (32 registers), else 8 (AVX2's, 16 registers). A wider vector
+// type than the machine's is kept in memory and split at every operation: 16-float vectors built for AVX2 made a
+// prefill 30-40x slower and a decode 2.7-4.7x. Register-blocked loops size their sums by kRegisters.
+#if defined(__AVX512F__)
+#define LONGSERVE_LANES 16
+constexpr int kRegisters = 32;
+#else
+#define LONGSERVE_LANES 8
+constexpr int kRegisters = 16;
+#endif
+constexpr int64_t kLanes = LONGSERVE_LANES;
+using Lanes = float __attribute__((vector_size(4 * LONGSERVE_LANES)));
 
 template <typename scalar_t>
 inline Lanes load_lanes(const scalar_t* p) {
@@ -74,28 +91,59 @@ inline Lanes load_lanes(const scalar_t* p) {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
-  float f[16];
-  for (int i = 0; i < 16; ++i) f[i] = as_float(p[i]);
+  float f[kLanes];
+  for (int i = 0; i < kLanes; ++i) f[i] = as_float(p[i]);
   std::memcpy(&v, f, sizeof v);
   return v;
 }
 
+// `exp_nonpositive` lane by lane, in vector operations: the scalar form, vectorized by the compiler, took 25
+// instructions a vector (its clamp as masks), 14% of a prefill tile's time with AVX-512 and 38% with AVX2. With
+// AVX-512, n is rounded by one instruction and 2^n applied by another (vrndscaleps, vscalefps): 17 instructions.
+inline Lanes exp_lanes(Lanes x) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_max_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(kExpFloor));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), v));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return reinterpret_cast<Lanes>(_mm512_scalef_ps(p, n));
+#else
+  using Ints = int32_t __attribute__((vector_size(sizeof(Lanes))));
+  x = x < kExpFloor ? Lanes{} + kExpFloor : x;
+  const Lanes shifted = x * kLog2e + kExpRound;
+  const Lanes n = shifted - kExpRound;
+  const Lanes r = x - n * kLn2Hi - n * kLn2Lo;
+  Lanes p = Lanes{} + kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
+  p = p * r * r + r + 1.0f;
+  const Ints bits = (reinterpret_cast<Ints>(shifted) - kExpRoundBits + 127) << 23;
+  return p * reinterpret_cast<Lanes>(bits);
+#endif
+}
+
 inline float sum_lanes(Lanes v) {  // a halving tree of vector adds
+#if LONGSERVE_LANES == 16
   const auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const Lanes a = v;
+#endif
   const auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
   return c[0] + c[1];
 }
 
-// q . k over D channels (k's stride between channels is `dk`), 16 at a time when D is known when compiled, a
+// q . k over D channels (k's stride between channels is `dk`), a vector at a time when D is known when compiled, a
 // multiple of 16, and k's channels are contiguous.
 template <int64_t kD, typename scalar_t>
 inline float dot(const float* __restrict q, const scalar_t* __restrict k, int64_t D, int64_t dk = 1) {
   if constexpr (kD > 0 && kD % 16 == 0) {
     if (dk == 1) {
       Lanes acc = {};
-      for (int64_t c = 0; c < kD; c += 16) acc += load_lanes(q + c) * load_lanes(k + c);
+      for (int64_t c = 0; c < kD; c += kLanes) acc += load_lanes(q + c) * load_lanes(k + c);
       return sum_lanes(acc);
     }
   }
@@ -104,7 +152,7 @@ inline float dot(const float* __restrict q, const scalar_t* __restrict k, int64_
   return acc;
 }
 
-// Where `score16` and `add_values` find row t: at a stride from a first row (the keys or values of one block), or
+// Where `score_keys` and `add_values` find row t: at a stride from a first row (the keys or values of one block), or
 // through a list of pointers (kept keys, anywhere in the cache).
 struct StridedRows {
   const float* first;
@@ -117,21 +165,22 @@ struct ListedRows {
   const float* operator()(int64_t t) const { return rows[t]; }
 };
 
-// Scores of up to 16 keys for one query vector: s[t] = q . row(t) for t < run, each row kD contiguous floats. Each
-// key's products accumulate in 16 lanes; the 16 keys' lanes are then summed together by a transposing tree, 15
-// shuffle-adds for 16 keys where summing each key's lanes alone takes 64, in the same order as `sum_lanes`. The tree
-// leaves key t in lane bitreverse4(t); a last shuffle puts it back in order.
+// Scores of up to kLanes keys for one query vector: s[t] = q . row(t) for t < run, each row kD contiguous floats.
+// Each key's products accumulate in one vector; the keys' vectors are then summed together by a transposing tree,
+// 15 shuffle-adds for 16 keys where summing each key's lanes alone takes 64, in the same order as `sum_lanes`. The
+// tree leaves key t in the lane of t's bits reversed; a last shuffle puts it back in order.
 template <int64_t kD, typename Row>
-inline void score16(const float* __restrict q, Row row, int64_t run, float* __restrict s) {
-  Lanes acc[16];
-  for (int64_t t = 0; t < 16; ++t) {
+inline void score_keys(const float* __restrict q, Row row, int64_t run, float* __restrict s) {
+  Lanes acc[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
     Lanes a = {};
     if (t < run) {
       const float* __restrict k = row(t);
-      for (int64_t c = 0; c < kD; c += 16) a += load_lanes(q + c) * load_lanes(k + c);
+      for (int64_t c = 0; c < kD; c += kLanes) a += load_lanes(q + c) * load_lanes(k + c);
     }
     acc[t] = a;
   }
+#if LONGSERVE_LANES == 16
   Lanes r8[8], r4[4], r2[2];
   for (int i = 0; i < 8; ++i)
     r8[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -146,10 +195,22 @@ inline void score16(const float* __restrict q, Row row, int64_t run, float* __re
   const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
                    __builtin_shufflevector(r2[0], r2[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+#else
+  Lanes r4[4], r2[2];
+  for (int i = 0; i < 4; ++i)
+    r4[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    r2[i] = __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+            __builtin_shufflevector(r4[2 * i], r4[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(r2[0], r2[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 4, 2, 6, 1, 5, 3, 7);
+#endif
   std::memcpy(s, &sorted, run * sizeof(float));
 }
 
-// Scores of keys [t, t + 16 * kV) stored channel by channel (positions contiguous, channels `dk` apart: vLLM's CPU
+// Scores of keys [t, t + kLanes * kV) stored channel by channel (positions contiguous, channels `dk` apart: vLLM's CPU
 // cache, a channel-major side table) for kG query vectors: each channel's keys are loaded once for the kG vectors,
 // whose sums stay in registers over the D channels. Summed in memory instead, a store and a load per channel and
 // vector, a layer's decode at 1k or 7.7k in vLLM's layout took 1.4x the time. The same sums in the same order.
@@ -159,23 +220,24 @@ inline void score_channels(const scalar_t* __restrict k, int64_t dk, int64_t t, 
   Lanes acc[kG][kV] = {};
   for (int64_t d = 0; d < D; ++d) {
     Lanes kd[kV];
-    for (int v = 0; v < kV; ++v) kd[v] = load_lanes(k + d * dk + t + 16 * v);
+    for (int v = 0; v < kV; ++v) kd[v] = load_lanes(k + d * dk + t + kLanes * v);
     for (int g = 0; g < kG; ++g) {
       const float qd = qf[g * D + d];
       for (int v = 0; v < kV; ++v) acc[g][v] += qd * kd[v];
     }
   }
   for (int g = 0; g < kG; ++g)
-    for (int v = 0; v < kV; ++v) std::memcpy(s + g * s_stride + t + 16 * v, &acc[g][v], sizeof(Lanes));
+    for (int v = 0; v < kV; ++v) std::memcpy(s + g * s_stride + t + kLanes * v, &acc[g][v], sizeof(Lanes));
 }
 
-// The keys of a run that `score_channels` takes, 32 then 16 at a time; returns how many (the rest is under 16).
+// The keys of a run that `score_channels` takes, two vectors' worth then one at a time; returns how many (the rest
+// is under a vector).
 template <int kG, typename scalar_t>
 inline int64_t score_channels(const scalar_t* k, int64_t dk, int64_t run, const float* qf, int64_t D, float* s,
                               int64_t s_stride) {
   int64_t t = 0;
-  for (; t + 32 <= run; t += 32) score_channels<kG, 2>(k, dk, t, qf, D, s, s_stride);
-  if (t + 16 <= run) score_channels<kG, 1>(k, dk, t, qf, D, s, s_stride), t += 16;
+  for (; t + 2 * kLanes <= run; t += 2 * kLanes) score_channels<kG, 2>(k, dk, t, qf, D, s, s_stride);
+  if (t + kLanes <= run) score_channels<kG, 1>(k, dk, t, qf, D, s, s_stride), t += kLanes;
   return t;
 }
 
@@ -185,11 +247,11 @@ template <int64_t kD, typename scalar_t>
 inline void score_run(const scalar_t* __restrict k, const Strides& ks, int64_t run, const float* __restrict qf,
                       int64_t G, int64_t D, float* __restrict s, int64_t s_stride) {
   if constexpr (std::is_same_v<scalar_t, float> && kD > 0 && kD % 16 == 0) {
-    if (ks.dim == 1) {  // float rows of kD channels: 16 keys at a time, the same sums as `dot`'s
+    if (ks.dim == 1) {  // float rows of kD channels: a vector of keys at a time, the same sums as `dot`'s
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t t = 0; t < run; t += 16)
-          score16<kD>(qf + g * D, StridedRows{k + t * ks.pos, ks.pos}, std::min<int64_t>(16, run - t),
-                      s + g * s_stride + t);
+        for (int64_t t = 0; t < run; t += kLanes)
+          score_keys<kD>(qf + g * D, StridedRows{k + t * ks.pos, ks.pos}, std::min(kLanes, run - t),
+                         s + g * s_stride + t);
       return;
     }
   }
@@ -220,25 +282,38 @@ inline void score_run(const scalar_t* __restrict k, const Strides& ks, int64_t r
   }
 }
 
+// How many of kC channel vectors one pass keeps the sums of for kG query heads, beside the value row's own vectors:
+// the largest divisor of kC that fits the registers.
+template <int kG>
+constexpr int64_t values_slice(int64_t kC) {
+  int64_t c = kC;
+  while (c > 1 && (kC % c != 0 || (kG + 1) * c > kRegisters - 2)) --c;
+  return c;
+}
+
 // acc[g] += sum over t < run of w[g * w_stride + t] * row(t) for kG query heads sharing their value rows (kD
-// contiguous float channels each): each row is loaded once for all of them, and their kD sums stay in registers.
+// contiguous float channels each): each row is loaded once for all of them, and their sums stay in registers, over
+// a slice of the channels at a time where all kD would not fit (AVX2's 16 registers).
 template <int64_t kD, int kG, typename Row>
 inline void add_values(float* __restrict a, const float* __restrict w, int64_t w_stride, Row row, int64_t run) {
-  constexpr int64_t C = kD / 16;
-  Lanes acc[kG][C];
-  for (int g = 0; g < kG; ++g)
-    for (int64_t c = 0; c < C; ++c) acc[g][c] = load_lanes(a + g * kD + c * 16);
-  for (int64_t t = 0; t < run; ++t) {
-    const float* __restrict v = row(t);
-    Lanes vt[C];
-    for (int64_t c = 0; c < C; ++c) vt[c] = load_lanes(v + c * 16);
-    for (int g = 0; g < kG; ++g) {
-      const float wg = w[g * w_stride + t];
-      for (int64_t c = 0; c < C; ++c) acc[g][c] += wg * vt[c];
+  constexpr int64_t C = kD / kLanes, kSlice = values_slice<kG>(C);
+  for (int64_t c0 = 0; c0 < C; c0 += kSlice) {
+    float* __restrict out = a + c0 * kLanes;
+    Lanes acc[kG][kSlice];
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kSlice; ++c) acc[g][c] = load_lanes(out + g * kD + c * kLanes);
+    for (int64_t t = 0; t < run; ++t) {
+      const float* __restrict v = row(t) + c0 * kLanes;
+      Lanes vt[kSlice];
+      for (int64_t c = 0; c < kSlice; ++c) vt[c] = load_lanes(v + c * kLanes);
+      for (int g = 0; g < kG; ++g) {
+        const float wg = w[g * w_stride + t];
+        for (int64_t c = 0; c < kSlice; ++c) acc[g][c] += wg * vt[c];
+      }
     }
+    for (int g = 0; g < kG; ++g)
+      for (int64_t c = 0; c < kSlice; ++c) std::memcpy(out + g * kD + c * kLanes, &acc[g][c], sizeof(Lanes));
   }
-  for (int g = 0; g < kG; ++g)
-    for (int64_t c = 0; c < C; ++c) std::memcpy(a + g * kD + c * 16, &acc[g][c], sizeof(Lanes));
 }
 
 // The same for G query heads, 1 to 4 (the common GQA ratios; more would not keep their sums in registers).

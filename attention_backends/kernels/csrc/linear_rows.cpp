@@ -20,21 +20,20 @@ namespace {
 constexpr int64_t kGroup = 8;  // rows of x per pass over a tile
 constexpr int64_t kTile = 24;  // weight rows per tile: a multiple of every kR below
 
-// Weight rows per pass for M rows: the M * kR sums, kR weight vectors and one row vector fit the 32 vector
-// registers of AVX-512 (on AVX2 each value takes two of its 16 and some sums spill).
+// Weight rows per pass for M rows: the M * kR sums, kR weight vectors and one row vector fit the vector registers.
 template <int M>
-constexpr int kR = M <= 2 ? 8 : M <= 4 ? 4 : 3;
+constexpr int kR = kRegisters >= 32 ? (M <= 2 ? 8 : M <= 4 ? 4 : 3) : (M <= 2 ? 4 : M <= 6 ? 2 : 1);
 
 // y[m, o] for the M rows of x and output columns [o0, o1).
 template <int M>
 void columns(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t in, int64_t out,
              int64_t o0, int64_t o1) {
   constexpr int R = kR<M>;
-  const int64_t body = in - in % 16;
+  const int64_t body = in - in % kLanes;
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
     Lanes acc[M][R] = {};
-    for (int64_t i = 0; i < body; i += 16) {
+    for (int64_t i = 0; i < body; i += kLanes) {
       Lanes wv[R];
       for (int r = 0; r < R; ++r) {
         wv[r] = load_lanes(w + (o + r) * in + i);

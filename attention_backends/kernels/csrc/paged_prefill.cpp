@@ -5,14 +5,14 @@
 // p + 1) and b = max(lo, p - window + 1). A chunk after cached context reads that context from the cache like its
 // own keys: nothing is gathered and no mask tensor is built.
 //
-// Rows in lanes: a group's 48 rows, (query head, position) pairs of one KV head, lie across the lanes of three
-// vectors. What the online softmax keeps per row (its max, its sum, the factor that rescales its output) is then a
-// vector; a tile's scores are a key's channel broadcast times the queries' transposed channel, so keys are read in
-// place in any layout and never transposed; its values go the same way into the transposed output. A task runs
-// up to four groups of positions over each tile of 128 keys, so a tile read from memory serves 192 rows (eight
-// groups, 64-key tiles, or prefetching the next tile or its values, measured no faster). On the embedded model's
-// geometry it takes 0.57-0.86x the time of torch's flash attention per chunk, the short ones gaining most, and
-// 0.75-0.77x over a 7.7k prompt's chunks (benchmarks/bench_prefill_kernel.py).
+// Rows in lanes: a group's rows, (query head, position) pairs of one KV head, lie across the lanes of three
+// vectors (48 rows with AVX-512, 24 with AVX2). What the online softmax keeps per row (its max, its sum, the factor
+// that rescales its output) is then a vector; a tile's scores are a key's channel broadcast times the queries'
+// transposed channel, so keys are read in place in any layout and never transposed; its values go the same way into
+// the transposed output. A task runs up to four groups of positions over each tile of 128 keys, so a tile read from
+// memory serves 192 rows with AVX-512 (eight groups, 64-key tiles, or prefetching the next tile or its values,
+// measured no faster). On the embedded model's geometry it takes 0.32-0.41x the time of torch's flash attention per
+// chunk with AVX-512, and about the same time with AVX2 (benchmarks/bench_prefill_kernel.py).
 //
 // The block table is the chunk's, or one per KV head ([H_kv, N]): InfLLM-V2's query groups read their selected blocks
 // that way, at the positions those blocks take in the table. An optional keep mask ([num_blocks, block_size, H_kv]
@@ -29,12 +29,14 @@
 namespace longserve {
 namespace {
 
-constexpr int kVecs = 3;                 // vectors of rows in a group
-constexpr int64_t kRows = 16 * kVecs;    // rows of a group
-constexpr int64_t kKeys = 128;           // keys of a tile
-constexpr int kKeyStep = 8;              // keys whose scores one pass keeps in registers, for all rows
-constexpr int kDimStep = 8;              // value channels whose sums one pass keeps in registers, for all rows
-constexpr int64_t kGroups = 4;           // groups of a task: each tile read serves all of them
+constexpr int kVecs = 3;                   // vectors of rows in a group
+constexpr int64_t kRows = kLanes * kVecs;  // rows of a group
+constexpr int64_t kKeys = 128;             // keys of a tile
+// Keys whose scores, or value channels whose sums, one pass keeps in registers for all rows: with the rows' own
+// kVecs vectors and a broadcast value they fill the registers.
+constexpr int kKeyStep = kRegisters >= 32 ? 8 : 4;
+constexpr int kDimStep = kKeyStep;
+constexpr int64_t kGroups = 4;             // groups of a task: each tile read serves all of them
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
 // One group's rows: which keys each sees ([0, a) and [b, hi)), and over all of them what a tile must meet to
@@ -47,13 +49,13 @@ struct Group {
   int64_t a_max, b_min, hi_max, a_min, b_max, hi_min;
 };
 
-// acc[j][v] += x(j) * row[16 v ..] for j < kN: one rank-1 step of either product, kN broadcast values against a
+// acc[j][v] += x(j) * row[kLanes v ..] for j < kN: one rank-1 step of either product, kN broadcast values against a
 // row of a group's lanes.
 template <int kN, typename X>
 inline void add_outer(Lanes (&acc)[kN][kVecs], const float* __restrict row, X&& x) {
   Lanes r[kVecs];
 #pragma GCC unroll 4
-  for (int v = 0; v < kVecs; ++v) r[v] = load_lanes(row + 16 * v);
+  for (int v = 0; v < kVecs; ++v) r[v] = load_lanes(row + kLanes * v);
 #pragma GCC unroll 8
   for (int j = 0; j < kN; ++j) {
     const float xj = x(j);
@@ -65,7 +67,7 @@ inline void add_outer(Lanes (&acc)[kN][kVecs], const float* __restrict row, X&& 
 template <int kN>
 inline void store_rows(const Lanes (&acc)[kN][kVecs], float* __restrict dst) {
   for (int j = 0; j < kN; ++j)
-    for (int v = 0; v < kVecs; ++v) std::memcpy(dst + j * kRows + 16 * v, &acc[j][v], sizeof(Lanes));
+    for (int v = 0; v < kVecs; ++v) std::memcpy(dst + j * kRows + kLanes * v, &acc[j][v], sizeof(Lanes));
 }
 
 // s[t][r] = sum over d of k_t[d] * qt[d][r], for n keys (a multiple of kKeyStep).
@@ -85,9 +87,9 @@ template <int kN, typename scalar_t>
 inline void add_values_pass(float* __restrict ot, const float* __restrict scale, const float* __restrict p,
                             const scalar_t* const* values, int64_t vdim, int64_t d0, int64_t n) {
   Lanes acc[kN][kVecs], f[kVecs];
-  for (int v = 0; v < kVecs; ++v) f[v] = load_lanes(scale + 16 * v);
+  for (int v = 0; v < kVecs; ++v) f[v] = load_lanes(scale + kLanes * v);
   for (int j = 0; j < kN; ++j)
-    for (int v = 0; v < kVecs; ++v) acc[j][v] = load_lanes(ot + (d0 + j) * kRows + 16 * v) * f[v];
+    for (int v = 0; v < kVecs; ++v) acc[j][v] = load_lanes(ot + (d0 + j) * kRows + kLanes * v) * f[v];
   for (int64_t t = 0; t < n; ++t)
     add_outer(acc, p + t * kRows, [&](int j) { return as_float(values[t][(d0 + j) * vdim]); });
   store_rows(acc, ot + d0 * kRows);
@@ -120,7 +122,7 @@ void attend_tile(Group& g, const float* qt, float* ot, const scalar_t* const* ke
         st[r] = (key < g.a[r] || (key >= g.b[r] && key < g.hi[r])) ? st[r] : kMinusInf;
     }
   }
-  alignas(64) float top[kRows], base[kRows], rescale[kRows], total[kRows];
+  alignas(64) float top[kRows], base[kRows], rescale[kRows];
   std::copy(g.max, g.max + kRows, top);
   for (int64_t t = 0; t < padded; ++t) {
     const float* st = s + t * kRows;
@@ -131,21 +133,24 @@ void attend_tile(Group& g, const float* qt, float* ot, const scalar_t* const* ke
   for (int64_t r = 0; r < kRows; ++r) {
     base[r] = top[r] == kMinusInf ? 0.f : top[r];  // a row that has seen no key yet: its sums stay 0
     rescale[r] = exp_nonpositive(g.max[r] - base[r]);
-    total[r] = 0.f;
   }
+  Lanes b[kVecs], sums[kVecs] = {};
+  for (int v = 0; v < kVecs; ++v) b[v] = load_lanes(base + kLanes * v);
+  const Lanes hidden = Lanes{} + kMinusInf;
   for (int64_t t = 0; t < padded; ++t) {
     float* st = s + t * kRows;
-#pragma omp simd
-    for (int64_t r = 0; r < kRows; ++r) {
-      st[r] = st[r] == kMinusInf ? 0.f : exp_nonpositive(st[r] - base[r]);
-      total[r] += st[r];
+    for (int v = 0; v < kVecs; ++v) {
+      const Lanes x = load_lanes(st + kLanes * v);
+      const Lanes e = x == hidden ? Lanes{} : exp_lanes(x - b[v]);
+      std::memcpy(st + kLanes * v, &e, sizeof e);
+      sums[v] += e;
     }
   }
-#pragma omp simd
-  for (int64_t r = 0; r < kRows; ++r) {
-    g.sum[r] = g.sum[r] * rescale[r] + total[r];
-    g.max[r] = top[r];
+  for (int v = 0; v < kVecs; ++v) {
+    const Lanes sum = load_lanes(g.sum + kLanes * v) * load_lanes(rescale + kLanes * v) + sums[v];
+    std::memcpy(g.sum + kLanes * v, &sum, sizeof sum);
   }
+  std::copy(top, top + kRows, g.max);
   add_values_tile(ot, rescale, s, values, vdim, D, padded);
 }
 

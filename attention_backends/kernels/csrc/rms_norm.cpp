@@ -12,9 +12,9 @@ namespace {
 // out = norm(x) for one row of n channels.
 inline void norm_row(const float* __restrict x, const float* __restrict w, float* __restrict out, int64_t n,
                      float eps) {
-  const int64_t body = n - n % 16;
+  const int64_t body = n - n % kLanes;
   Lanes acc = {};
-  for (int64_t i = 0; i < body; i += 16) {
+  for (int64_t i = 0; i < body; i += kLanes) {
     const Lanes v = load_lanes(x + i);
     acc += v * v;
   }

@@ -11,8 +11,8 @@
 // histogram) and then among the keys of the threshold's bucket only, and exact attention over (row, set, span of
 // kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. Spans
 // are cut by `split_even`. For float caches with contiguous channels the exact pass takes paged decode's
-// register-blocked forms (16 kept keys scored at a time, a value row read once for the set's query heads): 0.80-0.97x
-// the time of a layer's decode at 8k with the per-key forms, the same sums in the same order
+// register-blocked forms (a vector of kept keys scored at a time, a value row read once for the set's query heads):
+// 0.80-0.97x the time of a layer's decode at 8k with the per-key forms, the same sums in the same order
 // (benchmarks/bench_decode_kernel.py's caches).
 
 #include <ATen/Parallel.h>
@@ -108,7 +108,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   const int64_t per_kv = S / Hkv, heads = Hq / S;  // sets per KV head, query heads per set
   const Strides ls(low), ks(k_cache), vs(v_cache);
   // Float caches with contiguous channels, D a multiple of 16 known when compiled, up to 4 query heads per key set:
-  // kept keys scored 16 at a time, each value row read once for the set's heads, their sums in registers.
+  // kept keys scored a vector at a time, each value row read once for the set's heads, their sums in registers.
   constexpr bool kBlocked = std::is_same_v<scalar_t, float> && kD > 0 && kD % 16 == 0;
   const bool blocked = kBlocked && ks.dim == 1 && vs.dim == 1 && heads <= 4;
   const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -227,7 +227,8 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
           for (int64_t t = j + 16; t < std::min(n, j + 32); ++t) prefetch(krow[t], row_bytes);
           for (int64_t t = j; t < std::min(n, j + 16); ++t) prefetch<2>(vrow[t], row_bytes);
           for (int64_t g = 0; g < heads; ++g)
-            score16<kD>(qf + g * D, ListedRows{krow + j}, std::min<int64_t>(16, n - j), s + g * kSpan + j);
+            for (int64_t t = j; t < std::min(n, j + 16); t += kLanes)
+              score_keys<kD>(qf + g * D, ListedRows{krow + t}, std::min(kLanes, n - t), s + g * kSpan + t);
         }
       } else {
         for (int64_t j = 0; j < n; ++j) {
