@@ -271,13 +271,17 @@ CPP_PREFILL = {  # name: (query heads, KV heads, head dim, dtype, (cached, chunk
     "seven-query-heads-a-group": (7, 1, 16, torch.float32, (0, 50, 0, 0, None)),  # 6 positions: 42 of 48 rows
     "anchor-and-band": (6, 2, 32, torch.float32, (100, 90, 32, 64, 40)),
     "bfloat16": (9, 3, 64, torch.bfloat16, (40, 100, 0, 0, None)),
+    # More query heads a KV head than a group has rows: slices of 25 and 24 heads (AVX2: 17, 16, 16), one position
+    # a group.
+    "multi-query-49-heads": (49, 1, 16, torch.float32, (20, 60, 0, 0, None)),
+    "two-kv-heads-of-60": (120, 2, 16, torch.float32, (0, 40, 2, 0, 25)),
 }
 
 
 @pytest.mark.parametrize("case", CPP_PREFILL)
 def test_cpp_prefill_at_model_sizes(monkeypatch, case):
-    """The C++ kernel's tiling (groups of 48 rows, tasks of four groups, tiles of 128 keys from scattered blocks)
-    against the explicit reference."""
+    """The C++ kernel's tiling (groups of 48 rows with AVX-512, 24 with AVX2, tasks of four groups, tiles of 128 keys
+    from scattered blocks) against the explicit reference."""
     monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
     hq, hkv, d, dtype, (cached, t, sinks, lo, window) = CPP_PREFILL[case]
     n = cached + t
@@ -339,8 +343,8 @@ def test_cpp_prefill_refuses_bad_tables_and_groups(monkeypatch):
         prefill(torch.empty_like(q), q, kc, vc, per_head, 32, 0, 0, -1, SCALE)
     with pytest.raises(RuntimeError, match="a table per KV head"):
         prefill(torch.empty_like(q), q, kc, vc, torch.stack([table.int()] * (HKV + 1)), 32, 0, 0, -1, SCALE)
-    q = torch.randn(49 * HKV, 8, D)
-    with pytest.raises(RuntimeError, match=r"at most \d+ per KV head"):
+    q = torch.randn(HKV + 1, 8, D)
+    with pytest.raises(RuntimeError, match="must divide the query heads"):
         prefill(torch.empty_like(q), q, kc, vc, table.int(), 32, 0, 0, -1, SCALE)
 
 

@@ -45,7 +45,7 @@ constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 struct Group {
   alignas(64) int32_t a[kRows], b[kRows], hi[kRows];
   alignas(64) float max[kRows], sum[kRows];
-  int64_t head0, pos0, positions;  // the group's first query head, its first query index, its positions per head
+  int64_t head0, heads, pos0, positions;  // its query heads [head0, head0 + heads), positions [pos0, + positions)
   int64_t a_max, b_min, hi_max, a_min, b_max, hi_min;
 };
 
@@ -160,15 +160,18 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
              double scale) {
   const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = Hq / Hkv;
-  const int64_t positions = kRows / G;  // query positions of a group: G rows each
+  // A group's rows are `heads` query heads of one KV head at `positions` positions. A KV head with more query heads
+  // than a group has rows (multi-query models) has them in slices, each its own tasks.
+  const int64_t slices = (G + kRows - 1) / kRows, heads = (G + slices - 1) / slices, units = Hkv * slices;
+  const int64_t positions = kRows / heads;
   // Fewer groups a task when a chunk has too few tasks to keep every core busy (an InfLLM-V2 query group: one task a
   // KV head): a tile then serves fewer rows, but no core waits.
   const int64_t threads = at::get_num_threads();
   int64_t task_groups = kGroups;
-  while (task_groups > 1 && Hkv * ((T + positions * task_groups - 1) / (positions * task_groups)) < 2 * threads)
+  while (task_groups > 1 && units * ((T + positions * task_groups - 1) / (positions * task_groups)) < 2 * threads)
     task_groups /= 2;
   const int64_t per_task = positions * task_groups;
-  const int64_t tasks_per_head = (T + per_task - 1) / per_task, tasks = Hkv * tasks_per_head;
+  const int64_t tasks_per_head = (T + per_task - 1) / per_task, tasks = units * tasks_per_head;
   const Strides ks(k_cache), vs(v_cache);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
@@ -194,13 +197,15 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
     bool kept[kKeys];
     // The last positions (the most keys) first: what is left at the end is short.
     for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
-      const int64_t h = task % Hkv, chunk0 = (tasks_per_head - 1 - task / Hkv) * per_task;
+      const int64_t unit = task % units, h = unit / slices, chunk0 = (tasks_per_head - 1 - task / units) * per_task;
+      const int64_t head0 = h * G + unit % slices * heads;
       const int32_t* head_blocks = blocks + h * head_table;
       const int64_t count = std::min(task_groups, (T - chunk0 + positions - 1) / positions);
       int64_t band_lo = std::numeric_limits<int64_t>::max(), sink_end = 0, key_end = 0;
       for (int64_t gi = 0; gi < count; ++gi) {
         Group& g = groups[gi];
-        g.head0 = h * G;
+        g.head0 = head0;
+        g.heads = std::min(heads, (h + 1) * G - head0);
         g.pos0 = chunk0 + gi * positions;
         g.positions = std::min(positions, T - g.pos0);
         g.a_min = g.b_min = g.hi_min = std::numeric_limits<int64_t>::max();
@@ -208,7 +213,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
         float* gq = qt + gi * D * kRows;
         for (int64_t r = 0; r < kRows; ++r) {
           const int64_t c = r / positions, i = r % positions;
-          const bool valid = c < G && i < g.positions;
+          const bool valid = c < g.heads && i < g.positions;
           const int64_t p = start + g.pos0 + i;
           g.a[r] = valid ? static_cast<int32_t>(std::min(sinks, p + 1)) : 0;
           g.b[r] = valid ? static_cast<int32_t>(std::max({lo, p - no_window + 1, int64_t{0}})) : 0;
@@ -258,7 +263,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
         const float* go = ot + gi * D * kRows;
         for (int64_t r = 0; r < kRows; ++r) {
           const int64_t c = r / positions, i = r % positions;
-          if (c >= G || i >= g.positions) continue;
+          if (c >= g.heads || i >= g.positions) continue;
           scalar_t* dst = op + (g.head0 + c) * o0 + (g.pos0 + i) * o1;
           const float inv = 1.f / g.sum[r];
           for (int64_t d = 0; d < D; ++d) dst[d * o2] = static_cast<scalar_t>(go[d * kRows + r] * inv);
@@ -282,8 +287,7 @@ void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tenso
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
                   v_cache.scalar_type() == q.scalar_type(),
               "q, out and the caches must share a dtype");
-  TORCH_CHECK(q.size(0) % k_cache.size(2) == 0 && q.size(0) / k_cache.size(2) <= kRows,
-              "the KV heads must divide the query heads, at most ", kRows, " per KV head");
+  TORCH_CHECK(q.size(0) % k_cache.size(2) == 0, "the KV heads must divide the query heads");
   TORCH_CHECK(q.size(2) == k_cache.size(3), "head dim must match the caches");
   TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.is_contiguous() &&
                   (table.dim() == 1 || (table.dim() == 2 && table.size(0) == k_cache.size(2))),
