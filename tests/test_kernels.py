@@ -458,18 +458,20 @@ def test_cpp_topk_decode_refuses_a_row_that_keeps_nothing(monkeypatch):
         lowrank_topk_decode(torch.randn(1, HQ, D), kc[..., :4], kc, vc, plan, HKV, SCALE)
 
 
-def test_cpp_kernels_in_their_avx2_form():
-    """The C++ kernels built for AVX2 (8-float vectors, 16 registers: other register blocks and reduction trees) pass
-    this file's C++ tests and the model modules' kernel tests, built on an AVX-512 machine with `-mno-avx512f`."""
+@pytest.mark.parametrize("flags, lanes", [("-mno-avx512f", 8), ("-mno-avx", 4)], ids=["avx2", "sse"])
+def test_cpp_kernels_in_narrower_vectors(flags, lanes):
+    """The C++ kernels built for narrower vectors than this machine's (AVX2's 8 floats and 16 registers, SSE's 4 and
+    16, as on Arm's NEON but for its 32 registers: other register blocks and reduction trees) pass this file's C++
+    tests and the model modules' kernel tests, built here with `flags` (`LONGSERVE_CPU_FLAGS`, a build of its own)."""
     from attention_backends.kernels import cpu_ext
 
-    if cpu_ext.load().vector_lanes != 16:
-        pytest.skip("this machine's own build is the AVX2 form, which the other tests check")
+    if cpu_ext.load().vector_lanes <= lanes:
+        pytest.skip("this machine's own build has vectors this narrow, which the other tests check")
     root = Path(__file__).parent.parent
     script = ("import sys, pytest; from attention_backends.kernels import cpu_ext; "
-              "assert cpu_ext.load().vector_lanes == 8, 'not the AVX2 build'; "
+              f"assert cpu_ext.load().vector_lanes == {lanes}, 'not the build asked for'; "
               "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_kernels.py', 'tests/test_models.py', "
-              "'-k', '(cpp and not avx2) or cpu_linear or cpu_modules or silu_and_mul or rotary_kernel']))")
-    env = {**os.environ, "LONGSERVE_CPU_FLAGS": "-mno-avx512f"}
+              "'-k', '(cpp and not narrower) or cpu_linear or cpu_modules or silu_and_mul or rotary_kernel']))")
+    env = {**os.environ, "LONGSERVE_CPU_FLAGS": flags}
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

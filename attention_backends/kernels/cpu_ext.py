@@ -5,8 +5,8 @@ not wait for the compiler; torch's extension loader rebuilds when a source chang
 library (a lock keeps concurrent processes from building twice). They are built for the machine's own instruction
 set (`-march=native`): a build is named after the machine's CPU, so that a cache shared by machines of different
 CPUs (a home directory on a cluster's file server) never loads one machine's build on another.
-`LONGSERVE_CPU_FLAGS` adds compiler flags, and a build of its own: `-mno-avx512f` builds the AVX2 forms on an
-AVX-512 machine (the tests check them so).
+`LONGSERVE_CPU_FLAGS` adds compiler flags, and a build of its own: `-mno-avx512f` or `-mno-avx` build the AVX2 or
+SSE forms on an AVX-512 machine (the tests check them so).
 """
 
 from __future__ import annotations

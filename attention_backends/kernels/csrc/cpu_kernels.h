@@ -71,14 +71,21 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-// The machine's vector of floats: 16 with AVX-512 (32 registers), else 8 (AVX2's, 16 registers). A wider vector
-// type than the machine's is kept in memory and split at every operation: 16-float vectors built for AVX2 made a
-// prefill 30-40x slower and a decode 2.7-4.7x. Register-blocked loops size their sums by kRegisters.
+// The machine's vector of floats and how many vector registers it has: AVX-512 16 and 32, AVX2 8 and 16, Arm's NEON 4
+// and 32, SSE 4 and 16. A wider vector type than the machine's is kept in memory and split at every operation:
+// 16-float vectors built for AVX2 made a prefill 30-40x slower and a decode 2.7-4.7x. Register-blocked loops size
+// their sums by kRegisters.
 #if defined(__AVX512F__)
 #define LONGSERVE_LANES 16
 constexpr int kRegisters = 32;
-#else
+#elif defined(__AVX__)
 #define LONGSERVE_LANES 8
+constexpr int kRegisters = 16;
+#elif defined(__aarch64__)
+#define LONGSERVE_LANES 4
+constexpr int kRegisters = 32;
+#else
+#define LONGSERVE_LANES 4
 constexpr int kRegisters = 16;
 #endif
 constexpr int64_t kLanes = LONGSERVE_LANES;
@@ -126,14 +133,18 @@ inline Lanes exp_lanes(Lanes x) {
 
 inline float sum_lanes(Lanes v) {  // a halving tree of vector adds
 #if LONGSERVE_LANES == 16
-  const auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  const Lanes a = v;
+  const auto v8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif LONGSERVE_LANES == 8
+  const Lanes v8 = v;
 #endif
-  const auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const auto c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-  return c[0] + c[1];
+#if LONGSERVE_LANES >= 8
+  const auto v4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3) + __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
+#else
+  const Lanes v4 = v;
+#endif
+  const auto v2 = __builtin_shufflevector(v4, v4, 0, 1) + __builtin_shufflevector(v4, v4, 2, 3);
+  return v2[0] + v2[1];
 }
 
 // q . k over D channels (k's stride between channels is `dk`), a vector at a time when D is known when compiled, a
@@ -195,7 +206,7 @@ inline void score_keys(const float* __restrict q, Row row, int64_t run, float* _
   const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
                    __builtin_shufflevector(r2[0], r2[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-#else
+#elif LONGSERVE_LANES == 8
   Lanes r4[4], r2[2];
   for (int i = 0; i < 4; ++i)
     r4[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -206,6 +217,13 @@ inline void score_keys(const float* __restrict q, Row row, int64_t run, float* _
   const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 8, 2, 10, 4, 12, 6, 14) +
                    __builtin_shufflevector(r2[0], r2[1], 1, 9, 3, 11, 5, 13, 7, 15);
   const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 4, 2, 6, 1, 5, 3, 7);
+#else
+  Lanes r2[2];
+  for (int i = 0; i < 2; ++i)
+    r2[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 4, 5) +
+            __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 2, 3, 6, 7);
+  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 4, 2, 6) + __builtin_shufflevector(r2[0], r2[1], 1, 5, 3, 7);
+  const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 2, 1, 3);
 #endif
   std::memcpy(s, &sorted, run * sizeof(float));
 }
