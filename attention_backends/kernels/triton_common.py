@@ -68,10 +68,13 @@ def load_kv(k_cache, v_cache, table, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs
 
 @triton.jit
 def load_kv_kept(k_cache, v_cache, keep, table, pos, valid, front, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims,
-                 dmask, BS: tl.constexpr, HKV: tl.constexpr):
-    """`load_kv`, and which keys KV head h sees: the `valid` ones, less those in `front` that `keep` (a bool
-    `[num_blocks, BS, HKV]` mask, TCA's kept tokens) does not hold."""
+                 dmask, BS: tl.constexpr, HKV: tl.constexpr, KEEP: tl.constexpr):
+    """`load_kv`, and which keys KV head h sees: the `valid` ones, less, with KEEP, those in `front` that `keep` (a
+    bool `[num_blocks, BS, HKV]` mask, TCA's kept tokens) does not hold."""
     block = tl.load(table + pos // BS, mask=valid, other=0).to(tl.int64)
     k, v = load_kv_at(k_cache, v_cache, block, pos % BS, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask)
-    kept = tl.load(keep + (block * BS + pos % BS) * HKV + h, mask=valid & front, other=1)
-    return k, v, valid & (kept != 0)
+    seen = valid
+    if KEEP:
+        kept = tl.load(keep + (block * BS + pos % BS) * HKV + h, mask=valid & front, other=1)
+        seen = valid & (kept != 0)
+    return k, v, seen

@@ -15,7 +15,6 @@ from attention_backends.kernels.triton_common import (
     attend_tile,
     finish,
     key_strides,
-    load_kv,
     load_kv_kept,
     pow2,
     softmax_state,
@@ -47,13 +46,9 @@ def _decode(q, k_cache, v_cache, tables, ranges, keep, out, lse, scale, n_rows, 
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx < j1
         pos = tl.where(idx < sinks, idx, lo + idx - sinks)
-        if KEEP:  # keys before the sinks' end: only those this KV head kept
-            kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, tables + b * s_tb, pos, valid, idx < sinks, h, s_kb,
-                                        s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask, BS, HKV)
-        else:
-            kt, vt = load_kv(k_cache, v_cache, tables + b * s_tb, pos, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-                             dims, dmask, BS)
-            seen = valid
+        # Keys before the sinks' end: with a keep mask, only those this KV head kept.
+        kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, tables + b * s_tb, pos, valid, idx < sinks, h, s_kb,
+                                    s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask, BS, HKV, KEEP)
         m_i, l_i, acc = attend_tile(qt, kt, vt, hmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     o, e = finish(m_i, l_i, acc)
     omask = hmask[:, None] & dmask[None, :]

@@ -59,13 +59,9 @@ def _prefill(q, k_cache, v_cache, out, tables, chunks, tiles, keep, scale, n_chu
     for j in range(0, sink_end, BLOCK_N):  # sink (or anchor) keys: before every query, visible to all
         idx = j + tl.arange(0, BLOCK_N)
         valid = idx < sink_end
-        if KEEP:  # only the sink keys this KV head kept
-            kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, table, idx, valid, valid, h, s_kb, s_ks, s_kh, s_vb,
-                                        s_vs, s_vh, dims, dmask, BS, HKV)
-        else:
-            kt, vt = load_kv(k_cache, v_cache, table, idx, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, dims, dmask,
-                             BS)
-            seen = valid
+        # With a keep mask, only the sink keys this KV head kept.
+        kt, vt, seen = load_kv_kept(k_cache, v_cache, keep, table, idx, valid, valid, h, s_kb, s_ks, s_kh, s_vb, s_vs,
+                                    s_vh, dims, dmask, BS, HKV, KEEP)
         m_i, l_i, acc = attend_tile(qt, kt, vt, rmask[:, None] & seen[None, :], m_i, l_i, acc, scale)
     for j in range(w, last + 1, BLOCK_N):  # the band: causal, from lo, inside the window unless a sink
         idx = j + tl.arange(0, BLOCK_N)

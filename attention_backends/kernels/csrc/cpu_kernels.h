@@ -44,33 +44,6 @@ inline float as_float(T x) {
   return static_cast<float>(x);
 }
 
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in 9 bits
-constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-constexpr float kExpFloor = -87.0f;
-constexpr float kExpRound = 12582912.0f;       // 1.5 * 2^23: x + kExpRound holds round(x) in its low bits
-constexpr int32_t kExpRoundBits = 0x4B400000;  // kExpRound's own bits
-
-// exp(x) for x <= 0 to about one ulp (Cephes' expf), in a form loops over it vectorize (std::exp does not):
-// 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, n found by adding 1.5 * 2^23 (the sum's low bits are
-// n). Below -87 the result (< 2^-125) is kept normal: against a row's sum of exponentials (>= 1) it is nothing.
-inline float exp_nonpositive(float x) {
-  x = x < kExpFloor ? kExpFloor : x;
-  const float shifted = x * kLog2e + kExpRound;
-  const float n = shifted - kExpRound;
-  const float r = x - n * kLn2Hi - n * kLn2Lo;
-  float p = kExpPoly[0];
-  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
-  p = p * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - kExpRoundBits + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // The machine's vector of floats and how many vector registers it has: AVX-512 16 and 32, AVX2 8 and 16, Arm's NEON 4
 // and 32, SSE 4 and 16. A wider vector type than the machine's is kept in memory and split at every operation:
 // 16-float vectors built for AVX2 made a prefill 30-40x slower and a decode 2.7-4.7x. Register-blocked loops size
@@ -90,6 +63,37 @@ constexpr int kRegisters = 16;
 #endif
 constexpr int64_t kLanes = LONGSERVE_LANES;
 using Lanes = float __attribute__((vector_size(4 * LONGSERVE_LANES)));
+using LaneBits = int32_t __attribute__((vector_size(4 * LONGSERVE_LANES)));  // a float's bits, lane by lane
+
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in 9 bits
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kExpFloor = -87.0f;
+constexpr float kExpRound = 12582912.0f;       // 1.5 * 2^23: x + kExpRound holds round(x) in its low bits
+constexpr int32_t kExpRoundBits = 0x4B400000;  // kExpRound's own bits
+
+// exp(x) for x <= 0 to about one ulp (Cephes' expf), of a float or lane by lane of `Lanes`, in a form loops over it
+// vectorize (std::exp does not): 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, n found by adding
+// 1.5 * 2^23 (the sum's low bits are n). Below -87 the result (< 2^-125) is kept normal: against a row's sum of
+// exponentials (>= 1) it is nothing.
+template <typename V>
+inline V exp_nonpositive(V x) {
+  using Bits = std::conditional_t<std::is_same_v<V, float>, int32_t, LaneBits>;
+  x = x < kExpFloor ? V{} + kExpFloor : x;
+  const V shifted = x * kLog2e + kExpRound;
+  const V n = shifted - kExpRound;
+  const V r = x - n * kLn2Hi - n * kLn2Lo;
+  V p = V{} + kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
+  p = p * r * r + r + 1.0f;
+  Bits bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - kExpRoundBits + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
 template <typename scalar_t>
 inline Lanes load_lanes(const scalar_t* p) {
@@ -104,9 +108,9 @@ inline Lanes load_lanes(const scalar_t* p) {
   return v;
 }
 
-// `exp_nonpositive` lane by lane, in vector operations: the scalar form, vectorized by the compiler, took 25
-// instructions a vector (its clamp as masks), 14% of a prefill tile's time with AVX-512 and 38% with AVX2. With
-// AVX-512, n is rounded by one instruction and 2^n applied by another (vrndscaleps, vscalefps): 17 instructions.
+// `exp_nonpositive` of `Lanes`. The scalar form in a loop the compiler vectorizes took 25 instructions a vector (its
+// clamp as masks), 14% of a prefill tile's time with AVX-512 and 38% with AVX2. With AVX-512, n is rounded by one
+// instruction and 2^n applied by another (vrndscaleps, vscalefps): 17 instructions.
 inline Lanes exp_lanes(Lanes x) {
 #if defined(__AVX512F__)
   const __m512 v = _mm512_max_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(kExpFloor));
@@ -118,16 +122,7 @@ inline Lanes exp_lanes(Lanes x) {
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   return reinterpret_cast<Lanes>(_mm512_scalef_ps(p, n));
 #else
-  using Ints = int32_t __attribute__((vector_size(sizeof(Lanes))));
-  x = x < kExpFloor ? Lanes{} + kExpFloor : x;
-  const Lanes shifted = x * kLog2e + kExpRound;
-  const Lanes n = shifted - kExpRound;
-  const Lanes r = x - n * kLn2Hi - n * kLn2Lo;
-  Lanes p = Lanes{} + kExpPoly[0];
-  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
-  p = p * r * r + r + 1.0f;
-  const Ints bits = (reinterpret_cast<Ints>(shifted) - kExpRoundBits + 127) << 23;
-  return p * reinterpret_cast<Lanes>(bits);
+  return exp_nonpositive(x);
 #endif
 }
 
