@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attention_backends.registry import BackendError
+from engine.sampler import invert_cdf
 from engine.sampling_params import SamplingParams
 
 
@@ -31,6 +33,24 @@ from engine.sampling_params import SamplingParams
 def test_invalid_params_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_inverting_the_cdf_draws_each_token_with_its_probability():
+    """Uniforms evenly spread over [0, 1) draw each token a number of times its probability of them (to one draw:
+    float32 sums), and the extremes of [0, 1) never draw a token of probability 0, before, between or after the
+    others, nor past the vocabulary."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.15, 0.1, 0.0]]) * 3  # any total mass
+    n = 10_000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = invert_cdf(probs.expand(n, -1), uniforms.float())
+    counts = torch.bincount(drawn, minlength=probs.shape[1])
+    assert counts.numel() == probs.shape[1]
+    assert (counts - probs[0] / probs.sum() * n).abs().max() <= 1
+    extremes = torch.tensor([0.0, 2.0**-24, 1 - 2.0**-24])  # torch.rand's least and greatest
+    for row in (probs, torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.3, 0.7 - 1e-7, 0.0, 0.0]]),
+                torch.tensor([[0.0, 1.5 + 2.0**-22, 0.0]])):
+        drawn = invert_cdf(row.expand(len(extremes), -1), extremes)
+        assert (row[0, drawn] > 0).all(), (row, drawn)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
