@@ -28,7 +28,10 @@ def invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     times the row's total mass. A token of probability 0 has an empty interval and is never returned; a float32 below
     1 times the total rounds to less than the total, so some token's interval holds every target."""
     cum = probs.cumsum(dim=-1)
-    return torch.searchsorted(cum, uniforms.unsqueeze(1) * cum[:, -1:], right=True).flatten()
+    total = cum[:, -1:]
+    if not torch.isfinite(total).all():  # NaN would draw a token past the vocabulary
+        raise ValueError("sampling probabilities are not finite: the model's logits hold NaN or infinity")
+    return torch.searchsorted(cum, uniforms.unsqueeze(1) * total, right=True).flatten()
 
 
 class Sampler:
@@ -74,7 +77,9 @@ class Sampler:
     def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Probabilities of `logits` (the sampler's own copy, changed in place)."""
         temps = torch.tensor([s.sampling.temperature for s in seqs]).unsqueeze(1)
-        logits = logits.div_(temps)
+        # A repetition penalty near 0 divides a seen token's logit past float32's range: at its largest finite value
+        # such tokens share the mass, their limit, where an infinite logit would make softmax NaN.
+        logits = logits.div_(temps).clamp_(max=torch.finfo(logits.dtype).max)
         top_k = [s.sampling.effective_top_k for s in seqs]
         top_p = [s.sampling.top_p for s in seqs]
         if any(top_k) or any(p < 1.0 for p in top_p):
@@ -87,6 +92,7 @@ class Sampler:
             cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
             drop |= (cum - sorted_logits.softmax(dim=-1)) >= torch.tensor(top_p).unsqueeze(1)
+            drop[:, 0] = False  # the most likely token stays: a top_p below float32's least value rounds to 0
             sorted_logits[drop] = float("-inf")
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)

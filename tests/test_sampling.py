@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_backends.base import NoParams
 from attention_backends.registry import BackendError
-from engine.sampler import invert_cdf
+from engine.sampler import Sampler, invert_cdf
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,23 @@ def test_inverting_the_cdf_draws_each_token_with_its_probability():
                 torch.tensor([[0.0, 1.5 + 2.0**-22, 0.0]])):
         drawn = invert_cdf(row.expand(len(extremes), -1), extremes)
         assert (row[0, drawn] > 0).all(), (row, drawn)
+
+
+def test_params_at_the_edge_of_float32_draw_what_their_limit_would():
+    """Found by the schema test: top_p = 5e-324 is 0 in float32, which dropped every token (it keeps the most likely
+    one); repetition_penalty = 5e-324 divided a seen token's logit to infinity and softmax to NaN (the seen token
+    takes all the mass). Non-finite probabilities are refused by name rather than drawing past the vocabulary."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[:, 7] = 0.5
+
+    def draw(**params: float) -> list[int]:
+        sp = SamplingParams(temperature=0.5, max_tokens=4, **params)
+        return Sampler(set())(logits, [Sequence(f"r{i}", [7], sp, "dense", NoParams(), 5) for i in range(3)])[0]
+
+    assert draw(top_p=5e-324) == logits.argmax(dim=-1).tolist()
+    assert draw(repetition_penalty=5e-324) == [7, 7, 7]
+    with pytest.raises(ValueError, match="not finite"):
+        invert_cdf(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.5]))
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
