@@ -217,7 +217,8 @@ inline void score_keys(const float* __restrict q, Row row, int64_t run, float* _
   for (int i = 0; i < 2; ++i)
     r2[i] = __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 0, 1, 4, 5) +
             __builtin_shufflevector(acc[2 * i], acc[2 * i + 1], 2, 3, 6, 7);
-  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 4, 2, 6) + __builtin_shufflevector(r2[0], r2[1], 1, 5, 3, 7);
+  const Lanes r1 = __builtin_shufflevector(r2[0], r2[1], 0, 4, 2, 6) +
+                   __builtin_shufflevector(r2[0], r2[1], 1, 5, 3, 7);
   const Lanes sorted = __builtin_shufflevector(r1, r1, 0, 2, 1, 3);
 #endif
   std::memcpy(s, &sorted, run * sizeof(float));

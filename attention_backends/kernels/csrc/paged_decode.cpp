@@ -6,11 +6,11 @@
 // to the end, and a piece reads every KV head of a block: the block's memory is then read once, front to back.
 // A piece first scores its whole span (keys only), takes one max and one exponential pass per query head, then
 // reads the values; a second pass merges the pieces of a row exactly. GQA: each key or value read serves the G
-// query heads of its KV head. For float caches and D a multiple of 16, scores are summed a vector of keys at a time (a
-// key's channels contiguous, longserve's layout) or one or two vectors of keys a channel at a time (vLLM's CPU cache,
-// keys transposed per block), and each value row is read once for its G query heads (up to 4), their sums in registers: 12-20% less time
-// a layer than the per-key forms in longserve's layout, 0.54x the time in vLLM's, with the same sums in the same
-// order (benchmarks/bench_decode_kernel.py).
+// query heads of its KV head. For float caches and D a multiple of 16, scores are summed a vector of keys at a time
+// (a key's channels contiguous, longserve's layout) or one or two vectors of keys a channel at a time (vLLM's CPU
+// cache, keys transposed per block), and each value row is read once for its G query heads (up to 4), their sums in
+// registers: 12-20% less time a layer than the per-key forms in longserve's layout, 0.54x the time in vLLM's, with
+// the same sums in the same order (benchmarks/bench_decode_kernel.py).
 //
 // Block tables are one per row, or one per row and KV head ([B, H_kv, N], InfLLM-V2's selected blocks): a piece then
 // reads one KV head, and a step's rows and heads still share one parallel loop (one call per KV head left two cores
