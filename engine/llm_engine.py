@@ -141,10 +141,14 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = self.loaded.config.vocab_size
-        # stop_token_ids too: min_tokens bans them by index.
-        for name, tokens in (("prompt token ids", ids), ("stop_token_ids", sampling.stop_token_ids)):
+        # The params' token ids too: the sampler indexes the logits with them.
+        for name, tokens in {"prompt token ids": ids, **sampling.token_ids()}.items():
             if any(not 0 <= t < vocab for t in tokens):
                 raise ValueError(f"{name} must be in [0, {vocab})")
+        if sampling.allowed_token_ids is not None and sampling.min_tokens > 0:
+            banned = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else self.eos_token_ids)
+            if banned.issuperset(sampling.allowed_token_ids):
+                raise ValueError("allowed_token_ids holds only stop tokens, which min_tokens bans: no token is left")
         max_new = sampling.max_tokens if sampling.max_tokens is not None else self.max_model_len - len(ids)
         if max_new < 1 or len(ids) + max_new > self.max_model_len:
             raise ContextLengthError(self.max_model_len, len(ids), sampling.max_tokens)

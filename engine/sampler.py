@@ -1,4 +1,5 @@
-"""Batched sampler: penalties, temperature, top-k / top-p / min-p, per-request seeded draws, logprobs.
+"""Batched sampler: allowed tokens, logit bias, penalties, temperature, top-k / top-p / min-p, per-request seeded
+draws, logprobs.
 
 A random draw inverts its row's cumulative distribution at one uniform number from the request's own generator, so a
 seeded request samples the same tokens whatever else shares its batch. One number a row: the exponential race
@@ -59,6 +60,13 @@ class Sampler:
 
     def _adjust(self, row: torch.Tensor, seq: Sequence) -> None:
         sp = seq.sampling
+        if sp.allowed_token_ids is not None:
+            allowed = torch.tensor(sp.allowed_token_ids, dtype=torch.long)
+            kept = row[allowed]
+            row.fill_(float("-inf"))
+            row[allowed] = kept
+        if sp.logit_bias:
+            row[torch.tensor(list(sp.logit_bias), dtype=torch.long)] += torch.tensor(list(sp.logit_bias.values()))
         if seq.num_output_tokens < sp.min_tokens:
             banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
             row[banned] = float("-inf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -24,6 +25,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top logprobs per token, besides the sampled one
+    logit_bias: dict[int, float] | None = None  # added to these tokens' logits, before the penalties
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_strings: list[str] = field(init=False, repr=False)
@@ -43,6 +46,12 @@ class SamplingParams:
             self.stop_token_ids = []
         elif not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of non-negative integers")
+        if self.logit_bias is not None and not all(
+                isinstance(t, int) and t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias must map non-negative token ids to finite numbers")
+        if self.allowed_token_ids is not None and not (
+                self.allowed_token_ids and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)):
+            raise ValueError("allowed_token_ids must be a non-empty list of non-negative integers")
         self._check()
 
     def _check(self) -> None:
@@ -73,6 +82,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def token_ids(self) -> dict[str, list[int]]:
+        """The token ids the params name, by field: the engine checks them against the vocabulary."""
+        return {"stop_token_ids": self.stop_token_ids, "logit_bias token ids": list(self.logit_bias or ()),
+                "allowed_token_ids": self.allowed_token_ids or []}
 
     @property
     def effective_top_k(self) -> int:

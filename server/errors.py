@@ -40,6 +40,11 @@ class APIError(Exception):
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":  # its loc is the character it failed at, not a field
+        where = first.get("loc", ())[-1:]
+        reason = first.get("ctx", {}).get("error", "JSON decode error")
+        return APIError(400, f"the request body is not valid JSON: {reason}" +
+                        (f" (character {where[0]})" if where else "")).response()
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")

@@ -1,13 +1,16 @@
 """Request bodies of the OpenAI-style routes, with vLLM's field names and defaults.
 
 Unknown fields are kept aside and logged, never rejected (load tools send extras), and never reach the
-engine. Ranges that pydantic can check are declared here, so the OpenAPI schema shows them; the
-sampling checks that depend on each other live in `SamplingParams`.
+engine; except those of `UNSUPPORTED`, fields of OpenAI's or vLLM's API that ask for what this server does not
+do: ignored, they would return output that breaks what the client asked for (JSON to a schema, a tool call), so a
+request that sets one gets a 400 naming it. Ranges that pydantic can check are declared here, so the OpenAPI
+schema shows them; the sampling checks that depend on each other live in `SamplingParams`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +21,40 @@ logger = logging.getLogger(__name__)
 
 MAX_STOP = 16  # stop strings (and stop token ids) per request
 Int64 = Field(default=None, ge=-(2**63), le=2**63 - 1)
+MAX_BIAS = 100.0  # logit_bias values are clamped to [-100, 100], as OpenAI documents and vLLM does
+
+_STRUCTURED = "structured output"
+UNSUPPORTED = {
+    "suffix": "text after the completion (suffix)",
+    "prompt_logprobs": "prompt logprobs",
+    "response_format": _STRUCTURED,
+    "structured_outputs": _STRUCTURED,
+    "guided_json": _STRUCTURED,
+    "guided_regex": _STRUCTURED,
+    "guided_choice": _STRUCTURED,
+    "guided_grammar": _STRUCTURED,
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "bad_words": "bad_words",
+    "use_beam_search": "beam search",
+    "logits_processors": "custom logits processors",
+}
+
+
+def _asks(name: str, value: Any, extra: dict[str, Any]) -> bool:
+    """Whether an `UNSUPPORTED` field's value asks for its feature: null, false and empty values do not, nor do
+    plain text for `response_format` and tools the request tells the model not to call."""
+    if value is None or value is False or (isinstance(value, str | list | dict) and not value):
+        return False
+    if name == "response_format":
+        return value != {"type": "text"}
+    if name == "tool_choice":
+        return value != "none"
+    if name == "tools":
+        return extra.get("tool_choice") != "none"
+    return True
 
 
 class StreamOptions(BaseModel):
@@ -49,6 +86,8 @@ class OpenAIRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool = False
     user: str | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     attention_backend: str | None = None
     attention_params: dict[str, Any] | None = None
 
@@ -58,9 +97,18 @@ class OpenAIRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
-        if self.model_extra:
-            logger.warning("ignored request fields: %s", ", ".join(sorted(self.model_extra)))
+        extra = self.model_extra or {}
+        if ignored := sorted(n for n, v in extra.items() if n not in UNSUPPORTED or not _asks(n, v, extra)):
+            logger.warning("ignored request fields: %s", ", ".join(ignored))
         return self
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field that asks for what this server does not do, and a message saying so."""
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in UNSUPPORTED and _asks(name, value, extra):
+                return name, f"this server does not support {UNSUPPORTED[name]} ({name})"
+        return None
 
     def max_new_tokens(self) -> int | None:
         raise NotImplementedError
@@ -86,6 +134,9 @@ class OpenAIRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=self.num_logprobs(),
+            logit_bias=None if self.logit_bias is None else {
+                t: b if math.isnan(b) else min(MAX_BIAS, max(-MAX_BIAS, b)) for t, b in self.logit_bias.items()},
+            allowed_token_ids=self.allowed_token_ids,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )

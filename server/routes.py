@@ -91,6 +91,7 @@ async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, str]
 async def completions(req: CompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     serving = _serving(request)
+    serving.refuse_unsupported(req)
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
@@ -109,6 +110,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
 async def chat(req: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     serving = _serving(request)
+    serving.refuse_unsupported(req)
     text = serving.chat_text(req.messages, req.add_generation_prompt, req.continue_final_message)
     ids = await serving.tokenize(text, add_special_tokens=False)  # the template has its own special tokens
     backend = serving.backend_of(req)

@@ -74,6 +74,12 @@ class Serving:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
         return served
 
+    @staticmethod
+    def refuse_unsupported(req: OpenAIRequest) -> None:
+        if (found := req.unsupported()) is not None:
+            field_name, message = found
+            raise APIError(400, message, field_name)
+
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > _LONG_TEXT:
             return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
@@ -132,9 +138,8 @@ class Serving:
             return Job(served, served.attention_backend, SamplingParams(max_tokens=1), req.n, prompt_ids, [], None)
         try:
             sampling = req.sampling_params()
-        except ValueError as e:  # SamplingParams' messages start with the field they are about
-            field_name = str(e).split(" ", 1)[0]
-            raise APIError(400, str(e), field_name if field_name in type(req).model_fields else None) from e
+        except ValueError as e:
+            raise APIError(400, str(e), self._field(req, str(e))) from e
         if (sampling.logprobs or 0) > self.config.max_logprobs:
             raise APIError(400, f"at most {self.config.max_logprobs} logprobs per token", "logprobs")
         name, params = backend
@@ -154,9 +159,15 @@ class Serving:
                 except BackendUnavailable as e:
                     raise APIError(503, str(e)) from e
                 except ValueError as e:
-                    raise APIError(400, str(e), param) from e
+                    raise APIError(400, str(e), self._field(req, str(e), param)) from e
         ticket = self.admission.admit([len(ids) for ids in prompt_ids for _ in range(req.n)], self.engine.stats)
         return Job(served, name, sampling, req.n, prompt_ids, seqs, ticket)
+
+    @staticmethod
+    def _field(req: OpenAIRequest, message: str, default: str | None = None) -> str | None:
+        """The request field an engine error is about: its messages start with the field's name."""
+        first = message.split(" ", 1)[0]
+        return first if first in type(req).model_fields else default
 
     async def ready_backend(self, backend: Backend) -> None:
         """Make the request's backend ready off the event loop when that is slow: a calibration artifact made

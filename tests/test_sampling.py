@@ -30,6 +30,10 @@ from engine.sequence import Sequence
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"logprobs": 50}, "logprobs"),
         ({"n": 0}, "n must be"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {3: float("nan")}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [4, -4]}, "allowed_token_ids"),
     ],
 )
 def test_invalid_params_raise_clear_errors(kwargs, message):
@@ -104,6 +108,28 @@ def test_penalties_min_p_and_logprobs(make_engine):
     assert greedy.finished
 
 
+def test_allowed_tokens_and_logit_bias_steer_every_draw(make_engine):
+    engine = make_engine()
+    prompt = "Write a short story about a lighthouse keeper."
+
+    def tokens(**kwargs) -> list[int]:
+        return engine.generate([prompt], SamplingParams(max_tokens=6, ignore_eos=True, **kwargs))[0].token_ids
+
+    base = tokens(temperature=0)
+    assert tokens(temperature=0, logit_bias={42: 100.0}) == [42] * 6  # beats every logit, step after step
+    assert tokens(temperature=0, logit_bias={base[0]: -100.0})[0] != base[0]
+    others = sorted(set(base[1:]) - {base[0]})  # tokens the model likes here: a random draw spreads over them
+    assert len(others) > 1
+    allowed = [*others, base[0]]
+    assert tokens(temperature=0, allowed_token_ids=allowed)[0] == base[0]  # the argmax is allowed: it stays
+    # Within the allowed tokens the bias still decides, and a random draw never leaves them.
+    assert tokens(temperature=0, allowed_token_ids=others, logit_bias={others[1]: 100.0}) == [others[1]] * 6
+    drawn = engine.generate([prompt], SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True,
+                                                     allowed_token_ids=others))[0].token_ids
+    assert set(drawn) <= set(others) and len(set(drawn)) > 1
+    assert engine.usage().used == 0
+
+
 def test_logprobs_report_the_sampled_token(make_engine):
     engine = make_engine()
     rid = engine.add_request("The sky is", SamplingParams(temperature=0, max_tokens=3, logprobs=2))
@@ -154,6 +180,14 @@ def test_request_validation(make_engine):
         engine.add_request([1] * 4000, SamplingParams(max_tokens=200))
     with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 49152\)"):
         engine.add_request("hi", SamplingParams(stop_token_ids=[49152], min_tokens=2))
+    with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 49152\)"):
+        engine.add_request("hi", SamplingParams(logit_bias={49152: 1.0}))
+    with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, 49152\)"):
+        engine.add_request("hi", SamplingParams(allowed_token_ids=[5, 49152]))
+    eos = next(iter(engine.eos_token_ids))
+    with pytest.raises(ValueError, match="no token is left"):  # min_tokens bans every allowed token
+        engine.add_request("hi", SamplingParams(allowed_token_ids=[eos, 7], stop_token_ids=[7], min_tokens=1))
+    engine.new_sequence("hi", SamplingParams(allowed_token_ids=[eos], min_tokens=1, ignore_eos=True, max_tokens=2))
     with pytest.raises(BackendError, match="registered: dense"):
         engine.add_request("hi", attention_backend="nope")
     with pytest.raises(BackendError, match="invalid attention_params"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import httpx
@@ -160,6 +161,17 @@ def test_sampling_fields(client):
     stop = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
     assert stop.choices[0].finish_reason == "stop" and " 7" not in stop.choices[0].text
     assert stop.choices[0].model_extra["stop_reason"] == " 7"
+
+
+def test_logit_bias_and_allowed_token_ids(client, server):
+    # OpenAI's logit_bias (string keys, through the client's own field) and vLLM's allowed_token_ids (extra body).
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": " river lake"}).json()["tokens"]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                  logit_bias={str(ids[1]): 100})
+    assert r.choices[0].text == " lake" * 3
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=1.0, seed=3,
+                                          extra_body={"allowed_token_ids": ids, "ignore_eos": True})
+    assert chat.choices[0].message.content in {"".join(p) for p in itertools.product([" river", " lake"], repeat=4)}
 
 
 def test_echo(client, expected):

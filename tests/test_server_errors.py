@@ -40,6 +40,24 @@ BAD_INPUTS = [
     ("completions", {"prompt": "hi", "attention_params": {"window": 4}}, 400, "attention_params", None),
     ("completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", None),
     ("completions", {"prompt": "hi", "seed": 2**70}, 400, "seed", None),
+    ("completions", {"prompt": "hi", "logit_bias": {"49152": 5}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "hi", "logit_bias": {"the": 5}}, 400, None, None),
+    ("completions", {"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids", None),
+    ("completions", {"prompt": "hi", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids", None),
+    ("completions", {"prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids", None),
+    # Fields asking for what this server does not do: refused by name, not ignored.
+    ("completions", {"prompt": "hi", "suffix": " the end"}, 400, "suffix", None),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 0}, 400, "prompt_logprobs", None),
+    ("completions", {"prompt": "hi", "guided_choice": ["a", "b"]}, 400, "guided_choice", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     400, "tools", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "tool_choice", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [-1]}, 400,
+     "allowed_token_ids", None),
     ("chat/completions", {"messages": []}, 400, "messages", None),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", None),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
@@ -74,12 +92,21 @@ def test_bad_input(server, route, body, status, param, code):
 
 def test_malformed_json_is_400_not_422(server):
     r = httpx.post(f"{server.base_url}/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON") and "(character 1)" in error["message"]
 
 
 def test_unknown_fields_are_ignored(server):
     r = httpx.post(f"{server.base_url}/completions", json={"prompt": "hi", "max_tokens": 1, "frobnicate": 3})
     assert r.status_code == 200
+    # Unsupported fields that ask for nothing pass too: what clients send when they leave a feature off.
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    for off in ({"response_format": {"type": "text"}}, {"tools": [], "tool_choice": None}, {"suffix": None},
+                {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+                {"use_beam_search": False, "prompt_logprobs": None, "bad_words": []}):
+        r = httpx.post(f"{server.base_url}/chat/completions", json={**chat, **off}, timeout=60)
+        assert r.status_code == 200, (off, r.text)
 
 
 def test_malformed_content_length_is_400(server):
