@@ -88,6 +88,7 @@ class OpenAIRequest(BaseModel):
     user: str | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the prompt's last k tokens (-1: all fit)
     attention_backend: str | None = None
     attention_params: dict[str, Any] | None = None
 

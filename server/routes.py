@@ -95,7 +95,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt else [req.prompt]
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
-    ids = [await serving.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+    ids = [serving.truncate(req, await serving.tokenize(p) if isinstance(p, str) else list(p)) for p in prompts]
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute", "echo")
     backend = serving.backend_of(req)
@@ -112,7 +112,8 @@ async def chat(req: ChatCompletionRequest, request: Request) -> Response:
     serving = _serving(request)
     serving.refuse_unsupported(req)
     text = serving.chat_text(req.messages, req.add_generation_prompt, req.continue_final_message)
-    ids = await serving.tokenize(text, add_special_tokens=False)  # the template has its own special tokens
+    # No special tokens from the tokenizer: the template has its own.
+    ids = serving.truncate(req, await serving.tokenize(text, add_special_tokens=False))
     backend = serving.backend_of(req)
     await serving.ready_backend(backend)
     job = serving.prepare(req, [ids], "messages", await serving.chat_split(req, ids, backend))

@@ -85,6 +85,17 @@ class Serving:
             return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def truncate(self, req: OpenAIRequest, ids: list[int]) -> list[int]:
+        """vLLM's `truncate_prompt_tokens`: the prompt's last k tokens, -1 for as many as the model's length."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k > self.max_model_len:
+            raise APIError(400, f"truncate_prompt_tokens ({k}) must not exceed the model's maximum context length "
+                                f"({self.max_model_len})", "truncate_prompt_tokens")
+        k = self.max_model_len if k == -1 else k
+        return ids[len(ids) - k:] if k < len(ids) else ids
+
     def chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool,
                   continue_final_message: bool = False) -> str:
         """The tokenizer's chat template, with nothing from the request beyond the messages and the two flags."""

@@ -174,6 +174,22 @@ def test_logit_bias_and_allowed_token_ids(client, server):
     assert chat.choices[0].message.content in {"".join(p) for p in itertools.product([" river", " lake"], repeat=4)}
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server):
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 4})
+    tail = httpx.post(f"{server.url}/detokenize", json={"tokens": ids[-4:]}).json()["prompt"]
+    assert r.usage.prompt_tokens == 4 and r.choices[0].text.startswith(tail)
+    alone = client.completions.create(model=MODEL, prompt=ids[-4:], max_tokens=2, temperature=0)
+    assert r.choices[0].text == tail + alone.choices[0].text
+    long_chat = [{"role": "user", "content": "word " * 6000}]  # past the test server's 4096 tokens
+    chat = client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 100})
+    assert chat.usage.prompt_tokens == 100
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": 5000})
+
+
 def test_echo(client, expected):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, echo=True)
     assert r.choices[0].text == PROMPT + expected["text"]

@@ -45,6 +45,7 @@ BAD_INPUTS = [
     ("completions", {"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids", None),
     ("completions", {"prompt": "hi", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids", None),
     ("completions", {"prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids", None),
+    ("completions", {"prompt": "hi", "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens", None),
     # Fields asking for what this server does not do: refused by name, not ignored.
     ("completions", {"prompt": "hi", "suffix": " the end"}, 400, "suffix", None),
     ("completions", {"prompt": "hi", "prompt_logprobs": 0}, 400, "prompt_logprobs", None),
