@@ -84,7 +84,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None,
                  hooks: Iterable[EngineHook] = ()) -> None:
         self.config = config = config or EngineConfig()
-        self.loaded = loaded or load_model(config.model, config.device, dtype=config.dtype)
+        self.loaded = loaded or load_model(config.model, config.device, dtype=config.dtype,
+                                           prepack=config.cpu_prepacked_weights)
         hf = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         model_len = hf.max_position_embeddings

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from attention_backends.calibration import cache_dir, fingerprint  # noqa: E402
 from attention_backends.hf_attention import ATTN_IMPLEMENTATION  # noqa: E402
+from engine.cpu_linear import prepack_linears  # noqa: E402
 from engine.cpu_modules import use_cpu_modules  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,10 @@ def resolve_dtype(dtype: str, device: torch.device, config: PretrainedConfig) ->
     return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def load_model(model: str | None, device: str = "cpu", progress: bool = True, dtype: str = "auto") -> LoadedModel:
+def load_model(model: str | None, device: str = "cpu", progress: bool = True, dtype: str = "auto",
+               prepack: bool = True) -> LoadedModel:
+    """The model with longserve's CPU modules where they apply (float32 on the CPU), their linear layers with oneDNN's
+    copies of their weights if `prepack` (`EngineConfig.cpu_prepacked_weights`)."""
     model_dir = resolve_model_dir(model, progress)
     config = AutoConfig.from_pretrained(model_dir)
     check_config(config)
@@ -184,4 +188,7 @@ def load_model(model: str | None, device: str = "cpu", progress: bool = True, dt
     ).to(target)
     hf_model.eval()
     use_cpu_modules(hf_model)
+    if prepack and (size := prepack_linears(hf_model)):
+        logger.info("oneDNN copies of the linear weights, for prefill: %.0f MiB (--no-cpu-prepacked-weights: none)",
+                    size / 2**20)
     return LoadedModel(hf_model, tokenizer, hf_model.config, model_dir, fingerprint(model_dir))

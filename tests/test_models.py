@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.config import EngineConfig
-from engine.cpu_linear import CpuLinear, use_cpu_linears
+from engine.cpu_linear import ONEDNN, CpuLinear, prepack_linears, use_cpu_linears
 from engine.cpu_modules import CpuDecoderLayer, CpuRMSNorm, CpuSelfAttention, GateUpMLP, use_cpu_modules
 from engine.llm_engine import LLMEngine
 from engine.model_loader import ModelLoadError, check_config, layer_windows, load_model
@@ -119,9 +119,30 @@ def test_cpu_linear_matches_nn_linear(bias):
     assert model[0].weight is linear.weight
     assert model[0].max_rows == 16
     rows = [torch.randn(m, 100) for m in range(1, model[0].max_rows + 2)]
-    for x in (*rows, torch.randn(1, 3, 100), torch.randn(3, 7, 100), *(torch.randn(m, 200)[:, ::2] for m in (5, 40))):
+    inputs = (*rows, torch.randn(1, 3, 100), torch.randn(3, 7, 100), *(torch.randn(m, 200)[:, ::2] for m in (5, 40)))
+    for x in inputs:
         with torch.inference_mode():
             torch.testing.assert_close(model(x), linear(x), atol=1e-5, rtol=1e-5)
+    # With oneDNN's copy of the weight for the rows past max_rows: the same products.
+    assert prepack_linears(model) == (linear.weight.nbytes if ONEDNN else 0)
+    for x in inputs:
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), linear(x), atol=1e-5, rtol=1e-5)
+    if ONEDNN:  # the copy is what multiplies those rows: with the plain weight zeroed, they still get the products
+        x = torch.randn(40, 100)
+        with torch.no_grad():
+            want = linear(x)
+            linear.weight.zero_()
+            torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+            assert not model(x[:3]).sub(linear.bias if bias else 0).any()
+
+
+def test_prepacked_copies_leave_out_the_output_embedding(loaded):
+    model = loaded.model
+    linears = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    head = model.get_output_embeddings()
+    assert head in linears and head.packed is None and head.weight is model.get_input_embeddings().weight
+    assert all(m.packed is not None for m in linears if m is not head) == ONEDNN
 
 
 @pytest.mark.parametrize("bias", [True, False])
