@@ -45,13 +45,13 @@ UNSUPPORTED = {
 
 def _asks(name: str, value: Any, extra: dict[str, Any]) -> bool:
     """Whether an `UNSUPPORTED` field's value asks for its feature: null, false and empty values do not, nor do
-    plain text for `response_format` and tools the request tells the model not to call."""
+    plain text for `response_format`, and tools the request tells the model not to call."""
     if value is None or value is False or (isinstance(value, str | list | dict) and not value):
         return False
     if name == "response_format":
         return value != {"type": "text"}
-    if name == "tool_choice":
-        return value != "none"
+    if name == "tool_choice":  # "auto" asks only with tools, which are refused on their own
+        return value not in ("none", "auto")
     if name == "tools":
         return extra.get("tool_choice") != "none"
     return True

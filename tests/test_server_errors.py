@@ -103,7 +103,7 @@ def test_unknown_fields_are_ignored(server):
     assert r.status_code == 200
     # Unsupported fields that ask for nothing pass too: what clients send when they leave a feature off.
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-    for off in ({"response_format": {"type": "text"}}, {"tools": [], "tool_choice": None}, {"suffix": None},
+    for off in ({"response_format": {"type": "text"}}, {"tools": [], "tool_choice": "auto"}, {"suffix": None},
                 {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
                 {"use_beam_search": False, "prompt_logprobs": None, "bad_words": []}):
         r = httpx.post(f"{server.base_url}/chat/completions", json={**chat, **off}, timeout=60)
