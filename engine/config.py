@@ -25,7 +25,7 @@ class EngineConfig:
     device: str = "auto"  # "auto": CUDA where a GPU is found, else the CPU
     dtype: str = "auto"  # "auto": float32 on CPU, the checkpoint's half precision (or bfloat16) on GPU
     # A float32 model on the CPU: a second copy of each linear weight in oneDNN's blocked layout, which prefill chunks
-    # multiply ~10% faster by, for the linear weights' size again in memory. Read when the engine loads the model.
+    # multiply 5-15% faster by, for the linear weights' size again in memory. Read when the engine loads the model.
     cpu_prepacked_weights: bool = True
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ up to 8 rows (BENCHMARKS.md). More rows than it takes (prefill chunks, where the
 go to oneDNN's matmul. oneDNN, not torch's default (MKL's sgemm), because MKL takes its AVX2 path on AMD's AVX-512
 cores: on this machine's EPYC a 2,048-row chunk's products ran at 190-220 GFLOPS through MKL and 460-490 through
 oneDNN, which is what vLLM-CPU's linear layers run on. oneDNN multiplies by its own blocked copy of the weight where
-`prepack_linears` made one (~10% faster than on the plain weight, with outputs bitwise equal), by the plain weight
+`prepack_linears` made one (5-15% faster than on the plain weight, with outputs bitwise equal), by the plain weight
 otherwise: the kernel needs the plain weight, so a copy costs the weight's size again, and a tied `lm_head`, which
 multiplies only the rows that sample, keeps sharing the embedding's weight alone (BENCHMARKS.md)."""
 

@@ -31,7 +31,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--no-cpu-prepacked-weights", dest="cpu_prepacked_weights", action="store_false",
                    help="float32 on the CPU: no second copy of the linear weights in oneDNN's layout (saves their "
-                        "size in memory; prefill ~5-8%% slower)")
+                        "size in memory; prefill 3-5%% slower)")
     g.add_argument("--attention-backend", default=d.attention_backend)
     g.add_argument("--attention-params", type=json.loads, default={}, help="JSON object of backend params")
     g.add_argument("--seed", type=int, default=d.seed)
