@@ -59,6 +59,33 @@ def test_inverting_the_cdf_draws_each_token_with_its_probability():
         assert (row[0, drawn] > 0).all(), (row, drawn)
 
 
+def test_inverting_in_blocks_draws_each_token_with_its_probability():
+    """A vocabulary of 24 is inverted in three blocks of 8: whole blocks of probability 0, and tokens of probability
+    0 at the blocks' edges, are never drawn; every other token as often as its probability says, to one draw."""
+    probs = torch.rand(24, generator=torch.Generator().manual_seed(1))
+    probs[[0, 7, 8, 15, 23]] = 0.0
+    n = 20_000
+    uniforms = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+    counts = torch.bincount(invert_cdf(probs.expand(n, -1), uniforms), minlength=24)
+    assert counts.numel() == 24 and (counts - probs / probs.sum() * n).abs().max() <= 1
+    extremes = torch.tensor([0.0, 2.0**-24, 0.5, 1 - 2.0**-24])
+    middle_empty = torch.zeros(24)
+    middle_empty[[3, 17]] = torch.tensor([0.4, 1.1])
+    last_only = torch.zeros(24)
+    last_only[[6, 22]] = torch.tensor([1.0, 1e-6])
+    for row in (probs, middle_empty, last_only):
+        drawn = invert_cdf(row.expand(len(extremes), -1), extremes)
+        assert (row[drawn] > 0).all(), (row, drawn)
+    # Masses spread over six orders of magnitude: the middle block's own running sums round below the target its
+    # mass passed at the greatest uniform, which draws the block's last token (not the empty block after it).
+    spread = torch.tensor([5.083924770588055e-05, 0.026296138763427734, 0.08404526114463806, 4.967587471008301,
+                           25.147682189941406, 0.0011684411438181996, 0.32073974609375, 0.007799589540809393,
+                           0.0003985816438216716, 774.2030029296875, 0.0007703205919824541, 0.17784059047698975,
+                           0.8118910193443298, 0.0010874527506530285, 394.29486083984375, 0.2972636818885803,
+                           *[0.0] * 8])
+    assert invert_cdf(spread.unsqueeze(0), torch.tensor([1 - 2.0**-24])).tolist() == [15]
+
+
 def test_params_at_the_edge_of_float32_draw_what_their_limit_would():
     """Found by the schema test: top_p = 5e-324 is 0 in float32, which dropped every token (it keeps the most likely
     one); repetition_penalty = 5e-324 divided a seen token's logit to infinity and softmax to NaN (the seen token
