@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from bench_decode_kernel import interleaved_medians
 from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 from engine.config import EngineConfig
@@ -29,15 +30,10 @@ def product_table(linears: list[CpuLinear], rows: list[int], repeats: int) -> No
     for m in rows:
         for (i, o), lin in shapes.items():
             x = torch.randn(m, i)
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for rep in range(repeats + 2):
-                for packed in (False, True) if rep % 2 else (True, False):
-                    weight = lin.packed if packed else lin.weight
-                    start = time.perf_counter()
-                    torch.ops.mkldnn._linear_pointwise(x, weight, lin.bias, "none", [], "")
-                    if rep >= 2:  # the first two build oneDNN's primitives
-                        times[packed].append(time.perf_counter() - start)
-            plain, copy = statistics.median(times[False]), statistics.median(times[True])
+            times = interleaved_medians(
+                {name: lambda w=w, x=x, b=lin.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+                 for name, w in (("plain", lin.weight), ("copy", lin.packed))}, repeats)
+            plain, copy = times["plain"], times["copy"]
             gflops = 2 * m * i * o / 1e9
             print(f"| {m:,} | {i:,} -> {o:,} | {plain * 1e3:.2f} ms ({gflops / plain:.0f} GFLOPS) | "
                   f"{copy * 1e3:.2f} ms ({gflops / copy:.0f} GFLOPS) | {copy / plain:.3f}x |")
