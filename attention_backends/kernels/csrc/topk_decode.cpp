@@ -28,7 +28,7 @@ namespace longserve {
 namespace {
 
 constexpr int64_t kAheadKeys = 8;  // kept keys whose rows are prefetched ahead of the one being read
-constexpr int64_t kAheadBlocks = 2;  // how far ahead the scoring pass prefetches low-rank keys
+constexpr int64_t kAheadBlocks = 1;  // how far ahead the scoring pass prefetches low-rank keys
 constexpr int kBucketBits = 11;
 
 // Scores as unsigned integers of the same order: a larger float gives a larger key.
@@ -107,6 +107,7 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), width = tables.size(1);
   const int64_t per_kv = S / Hkv, heads = Hq / S;  // sets per KV head, query heads per set
   const Strides ls(low), ks(k_cache), vs(v_cache);
+  const bool spread = score_run_prefetches<kd, scalar_t>(ls);  // else the low-rank rows are prefetched a block at a time
   // Float caches with contiguous channels, D a multiple of 16 known when compiled, up to 4 query heads per key set:
   // kept keys scored a vector at a time, each value row read once for the set's heads, their sums in registers.
   constexpr bool kBlocked = std::is_same_v<scalar_t, float> && kD > 0 && kD % 16 == 0;
@@ -148,13 +149,16 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
       for (int64_t pos = w.first; pos < w.last;) {
         const int64_t off = pos % bs, run = std::min(w.last - pos, bs - off);
         const scalar_t* lb = lp + table[pos / bs] * ls.block + off * ls.pos;
-        // The low-rank rows of the blocks kAheadBlocks on: a block's d channels of each key are too few for the
+        // The low-rank rows of the block kAheadBlocks on: a block's d channels of each key are too few for the
         // hardware's prefetchers to pick up the stride before the next block, elsewhere in the cache.
-        if (const int64_t later = pos + kAheadBlocks * bs; later < w.last)
+        const int64_t later = pos + kAheadBlocks * bs;
+        const scalar_t* la = later < w.last ? lp + table[later / bs] * ls.block + off * ls.pos : nullptr;
+        if (la != nullptr && !spread)
           for (int64_t h = 0; h < Hkv; ++h) prefetch_head(lp + table[later / bs] * ls.block + h * ls.head, ls, bs, d);
         for (int64_t h = 0; h < Hkv; ++h)
           score_run<kd>(lb + h * ls.head, ls, run, qlow.data() + (w.row * S + h * per_kv) * d, per_kv, d,
-                        scores + (w.row * S + h * per_kv) * longest + pos, longest);
+                        scores + (w.row * S + h * per_kv) * longest + pos, longest,
+                        la != nullptr && spread ? la + h * ls.head : nullptr);
         pos += run;
       }
     }
