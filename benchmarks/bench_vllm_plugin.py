@@ -106,6 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
+    if unknown := [name for name in args.recipes.split(",") if name not in RECIPES]:
+        ap.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
 
     model = str(resolve_model_dir(None, progress=False))
     tok = LocalTokenizer(model)
