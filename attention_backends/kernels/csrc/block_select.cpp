@@ -44,8 +44,7 @@ int64_t pooled_logits(const float* dots, int64_t pages, int64_t kernel, int64_t 
 }
 
 float logsumexp(const float* x, int64_t n) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, x[i]);
+  const float top = max_of(x, n);
   if (!std::isfinite(top)) return top;
   float sum = 0.f;
   for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - top);

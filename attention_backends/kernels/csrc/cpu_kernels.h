@@ -378,20 +378,25 @@ inline void add_scaled(float* __restrict acc, float w, const scalar_t* __restric
   }
 }
 
+// The largest of n floats, in vectors: as std::max in an `omp simd` reduction it compiled to one float at a time.
+inline float max_of(const float* __restrict s, int64_t n) {
+  Lanes m = Lanes{} - std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    const Lanes x = load_lanes(s + t);
+    m = x > m ? x : m;
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < kLanes; ++i) top = std::max(top, m[i]);
+  for (; t < n; ++t) top = std::max(top, s[t]);
+  return top;
+}
+
 // Softmax state of one query head over n scores, in place: s[t] becomes exp(s[t] - max); returns (max, sum). Scores
 // of -inf are hidden keys: if every one is, the state is (-inf, 0) and s all 0, which `merge_pieces` weighs 0.
 inline std::pair<float, float> exponentiate(float* __restrict s, int64_t n) {
-  float top = -std::numeric_limits<float>::infinity();
-  {  // in vectors: the loop above, written as std::max in a reduction, compiled to one float at a time
-    Lanes m = Lanes{} + top;
-    int64_t t = 0;
-    for (; t + kLanes <= n; t += kLanes) {
-      const Lanes x = load_lanes(s + t);
-      m = x > m ? x : m;
-    }
-    for (int i = 0; i < kLanes; ++i) top = std::max(top, m[i]);
-    for (; t < n; ++t) top = std::max(top, s[t]);
-  }  if (top == -std::numeric_limits<float>::infinity()) {
+  const float top = max_of(s, n);
+  if (top == -std::numeric_limits<float>::infinity()) {
     std::fill(s, s + n, 0.f);
     return {top, 0.f};
   }

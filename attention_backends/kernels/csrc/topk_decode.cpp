@@ -152,13 +152,13 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
         // The low-rank rows of the block kAheadBlocks on: a block's d channels of each key are too few for the
         // hardware's prefetchers to pick up the stride before the next block, elsewhere in the cache.
         const int64_t later = pos + kAheadBlocks * bs;
-        const scalar_t* la = later < w.last ? lp + table[later / bs] * ls.block + off * ls.pos : nullptr;
-        if (la != nullptr && !spread)
-          for (int64_t h = 0; h < Hkv; ++h) prefetch_head(lp + table[later / bs] * ls.block + h * ls.head, ls, bs, d);
+        const scalar_t* ahead = later < w.last ? lp + table[later / bs] * ls.block : nullptr;
+        if (ahead != nullptr && !spread)
+          for (int64_t h = 0; h < Hkv; ++h) prefetch_head(ahead + h * ls.head, ls, bs, d);
         for (int64_t h = 0; h < Hkv; ++h)
           score_run<kd>(lb + h * ls.head, ls, run, qlow.data() + (w.row * S + h * per_kv) * d, per_kv, d,
                         scores + (w.row * S + h * per_kv) * longest + pos, longest,
-                        la != nullptr && spread ? la + h * ls.head : nullptr);
+                        ahead != nullptr && spread ? ahead + off * ls.pos + h * ls.head : nullptr);
         pos += run;
       }
     }
