@@ -5,7 +5,8 @@ reference ops and the C++ CPU kernels, in the same process; medians of the repea
 reference, and for dense the K/V bytes read per second. Each repeat runs every one of `--layers` layers' caches in
 turn, as a decode step does, so K/V come from memory rather than the last level cache (one layer's 12 MB at 8k would
 fit in it). `--layout vllm-cpu` reads vLLM's CPU cache (32-token pages, keys stored transposed; Loki scores the
-first d rows of each page's keys), `--layout vllm-rows` the same pages with keys stored row by row.
+first d rows of each page's keys), `--layout vllm-rows` the same pages with keys stored row by row. The C++ kernels
+run twice, on the same caches on 4 KiB and on 2 MiB pages (`huge_pages.py`, how both hosts hold their caches).
 Targets: dense >= 10 GB/s (issue 19); Loki's share of dense's time is what its TPOT target rests on (issue 17).
 
     .venv/bin/python benchmarks/bench_decode_kernel.py [--context 8192] [--layers 30] [--repeats 20]
@@ -24,6 +25,7 @@ import torch
 from common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 from attention_backends.kernels.decode import decode_plan, paged_decode
+from attention_backends.kernels.huge_pages import zeros
 from attention_backends.kernels.topk import lowrank_topk_decode, topk_decode_plan
 from attention_backends.loki import LokiParams
 from longserve_vllm.layout import cache_views
@@ -45,14 +47,20 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def layer_cache(layout: str, nb: int, bs: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(k_cache, v_cache, low-rank keys) of one layer in `layout`."""
+def layer_cache(layout: str, nb: int, bs: int, g: torch.Generator, huge: bool = False) -> tuple[torch.Tensor, ...]:
+    """(k_cache, v_cache, low-rank keys) of one layer in `layout`; `huge`: on 2 MiB pages (`huge_pages.py`)."""
+    def randn(*shape: int) -> torch.Tensor:
+        x = torch.randn(*shape, generator=g)
+        return zeros(x.shape, x.dtype, x.device).copy_(x) if huge else x
+
     rank = LokiParams().rank(D)
     if layout == "longserve":
-        k, v = torch.randn(2, nb, bs, HKV, D, generator=g)
+        k, v = randn(2, nb, bs, HKV, D)
         # longserve keeps Loki's low-rank keys in a table of their own, each block's channels one after the other
-        return k, v, k[..., :rank].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    cells = torch.randn(nb, HKV, bs, 2 * D, generator=g)
+        low = k[..., :rank].permute(0, 2, 3, 1)
+        return k, v, (zeros(low.shape, low.dtype, low.device).copy_(low) if huge else low.contiguous()).permute(
+            0, 3, 1, 2)
+    cells = randn(nb, HKV, bs, 2 * D)
     if layout == "vllm-cpu":
         k, v = cache_views(cells, D, "vec")
     else:  # each (page, head): its keys row by row, then its values
@@ -71,7 +79,9 @@ def main() -> None:
     bs = 16 if args.layout == "longserve" else 32
     used = -(-args.context // bs)
     nb = used + used // 4  # a pool with free blocks, so the table's ids are scattered
-    caches = [layer_cache(args.layout, nb, bs, g) for _ in range(args.layers)]
+    # The same caches on 4 KiB and on 2 MiB pages
+    caches = {huge: [layer_cache(args.layout, nb, bs, cells, huge) for _ in range(args.layers)]
+              for huge, cells in ((False, torch.Generator().manual_seed(1)), (True, torch.Generator().manual_seed(1)))}
     table = torch.randperm(nb, generator=g)[:used]
     q = torch.randn(1, HQ, D, generator=g)
     nbytes = 2 * args.context * HKV * D * 4
@@ -83,20 +93,22 @@ def main() -> None:
         ops = {"dense": lambda k, v, low, p=dense: paged_decode(q, k, v, p, D**-0.5),
                "loki": lambda k, v, low, p=loki: lowrank_topk_decode(q, low, k, v, p, HKV, D**-0.5)}
         for name, op in ops.items():
-            outs[name, kernels] = op(*caches[0])
-            steps[name, kernels] = lambda op=op: [op(*cache) for cache in caches]
+            for huge in (False, True) if kernels == "cpp" else (False,):
+                outs[name, kernels, huge] = op(*caches[huge][0])
+                steps[name, kernels, huge] = lambda op=op, huge=huge: [op(*cache) for cache in caches[huge]]
     medians = interleaved_medians(steps, args.repeats)
-    rows = [(name, kernels, t / args.layers) for (name, kernels), t in medians.items()]
-    errs = ", ".join(f"{name} {(outs[name, 'cpp'] - outs[name, 'torch']).abs().max().item():.1e}"
-                     for name in ("dense", "loki"))
+    errs = ", ".join(f"{name} " + " / ".join(f"{(outs[name, 'cpp', huge] - outs[name, 'torch', False]).abs().max():.1e}"
+                                             for huge in (False, True)) for name in ("dense", "loki"))
     print(f"context {args.context}, layout {args.layout}, {args.layers} layers in turn, {torch.get_num_threads()} "
-          f"threads, max |cpp - torch|: {errs}")
-    print("| op | kernels | time per layer | vs dense reference | K/V read |")
-    print("|---|---|---|---|---|")
-    base = rows[0][2]
-    for name, kernels, t in rows:
-        rate = f"{nbytes / t / 1e9:.1f} GB/s" if name == "dense" else ""
-        print(f"| {name} | {kernels} | {t * 1e3:.3f} ms | {t / base:.3f}x | {rate} |")
+          f"threads, max |cpp - torch| on 4 KiB / 2 MiB pages: {errs}")
+    print("| op | kernels | pages | time per layer | vs dense reference | vs 4 KiB pages | K/V read |")
+    print("|---|---|---|---|---|---|---|")
+    base = medians["dense", "torch", False]
+    for (name, kernels, huge), t in medians.items():
+        rate = f"{nbytes * args.layers / t / 1e9:.1f} GB/s" if name == "dense" else ""
+        small = f"{t / medians[name, kernels, False]:.3f}x" if huge else ""
+        print(f"| {name} | {kernels} | {'2 MiB' if huge else '4 KiB'} | {t / args.layers * 1e3:.3f} ms | "
+              f"{t / base:.3f}x | {small} | {rate} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attention_backends.kernels.huge_pages import zeros
 from kv_cache.block_pool import BlockPool
 
 
@@ -55,9 +56,10 @@ class PagedKVCache:
         self.device = torch.device(device)
         shape = (spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # One tensor per K and V, viewed per layer: a backend that packs tokens across layers (TCA) can then
-        # address any layer's slots with one index, `(layer * num_blocks + block) * block_size + offset`.
-        self.k_all = torch.zeros(shape, dtype=spec.dtype, device=self.device)
-        self.v_all = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        # address any layer's slots with one index, `(layer * num_blocks + block) * block_size + offset`. On 2 MiB
+        # pages where the OS has them: decodes read rows scattered over the whole pool.
+        self.k_all = zeros(shape, spec.dtype, self.device)
+        self.v_all = zeros(shape, spec.dtype, self.device)
         self.k = list(self.k_all.unbind(0))
         self.v = list(self.v_all.unbind(0))
         # Replaced, never changed in place: the engine thread may iterate it while a request thread registers a

@@ -9,12 +9,14 @@ or, for more than key ranges, its own per-kind plan (`plan`) and attention over 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.distributed.kv_transfer import has_kv_transfer_group
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
@@ -32,7 +34,9 @@ from attention_backends.calibration import (
     fingerprint,
     load_artifact,
 )
+from attention_backends.kernels.huge_pages import back_with_huge_pages
 from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
+from longserve_vllm import logger
 from longserve_vllm.config import LongserveConfigError, deployment_params
 from longserve_vllm.layout import cache_views, check_cpu_isa
 from longserve_vllm.metadata import RangeMetadata, StepRow, step_rows
@@ -111,9 +115,16 @@ class RangeImpl(PlatformImpl):
         step otherwise."""
         held = self._caches.get(layer.layer_name)
         if held is None or held[0] is not kv_cache:
+            if ON_CPU:
+                _back_with_huge_pages(kv_cache)
             held = self._caches[layer.layer_name] = kv_cache, cache_views(kv_cache, self.head_size,
                                                                           self.cache_packing(layer))
         return held[1]
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.cache(layer, kv_cache)  # a first sight of the cache comes before any write to it
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def layer(self, layer_name: str) -> tuple[int, Hashable]:
         """The layer's index and kind, parsed from its name once."""
@@ -137,6 +148,25 @@ class RangeImpl(PlatformImpl):
         index, kind = self.layer(layer.layer_name)
         self.attend(index, out, q, *fresh, *self.cache(layer, kv_cache), attn_metadata.work[kind])
         return output
+
+
+# The cache buffers this process has looked at (`_back_with_huge_pages`), by address, each held by the first layer's
+# view only as long as the engine holds it: a later engine's buffer may take the same address.
+_advised: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _back_with_huge_pages(kv_cache: torch.Tensor) -> None:
+    """Back vLLM's CPU cache buffer with huge pages (`huge_pages`), once per buffer, if nothing is stored in it yet:
+    its first sight is the first forward's first layer, before that layer's keys are written. A KV connector, which
+    may write blocks in at any time, leaves it as it is."""
+    storage = kv_cache.untyped_storage()
+    if _advised.get(storage.data_ptr()) is not None:
+        return
+    _advised[storage.data_ptr()] = kv_cache
+    if has_kv_transfer_group() or torch.empty(0, dtype=torch.uint8).set_(storage).any():
+        return
+    if advised := back_with_huge_pages(kv_cache):
+        logger.info("longserve: the KV cache's %.1f GiB are on 2 MiB pages", advised / (1 << 30))
 
 
 class RangeMetadataBuilder(AttentionMetadataBuilder[RangeMetadata]):

@@ -53,10 +53,8 @@ class LokiImpl(RangeImpl):
         if tuple(comps.shape) != want:  # tensor parallelism shards KV heads; the artifact holds them all
             raise LongserveConfigError(f"the Loki artifact's components are {tuple(comps.shape)}; this layer needs "
                                        f"{want} (LONGSERVE_LOKI runs without tensor parallelism)")
-        # Per layer, what rotates `[H, T, D]` rows by one batched product: each head's basis, transposed.
-        basis = comps.to(get_current_vllm_config().model_config.dtype).transpose(-1, -2).contiguous()
-        self.key_rotation = list(basis)
-        self.query_rotation = list(basis.repeat_interleave(self.num_heads // self.num_kv_heads, 1))
+        # Per layer, what rotates `[H_kv, rows, D]` by one batched product: each KV head's basis, transposed.
+        self.rotation = list(comps.to(get_current_vllm_config().model_config.dtype).transpose(-1, -2).contiguous())
         self.rank = p.rank(self.head_size)
         self.sets = self.num_kv_heads if p.selection == "group" else self.num_heads  # key sets a decode keeps
 
@@ -77,7 +75,7 @@ class LokiImpl(RangeImpl):
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        rotated = torch.bmm(key.transpose(0, 1), self.key_rotation[self.layer(layer.layer_name)[0]]).transpose(0, 1)
+        rotated = torch.bmm(key.transpose(0, 1), self.rotation[self.layer(layer.layer_name)[0]]).transpose(0, 1)
         if not ON_CPU:
             super().do_kv_cache_update(layer, rotated.contiguous(), value, kv_cache, slot_mapping)
             return
@@ -86,9 +84,11 @@ class LokiImpl(RangeImpl):
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: LokiWork) -> None:
-        qr = torch.bmm(q, self.query_rotation[layer_index])
+        # A KV head's query heads share its basis: their rows go through one product (a decode's without a copy), so
+        # each basis is read once, not once per query head.
+        qr = torch.bmm(q.reshape(self.num_kv_heads, -1, q.shape[-1]), self.rotation[layer_index]).view(q.shape)
         # Fresh keys only spare prefill chunks a read of the cache.
-        kr = None if k is None or not work.exact.prefill.chunks else torch.bmm(k, self.key_rotation[layer_index])
+        kr = None if k is None or not work.exact.prefill.chunks else torch.bmm(k, self.rotation[layer_index])
         attend_ranges(out, qr, kr, v, k_cache, v_cache, work.exact, self.scale)
         if work.topk is not None:
             rows = work.topk_rows

@@ -99,6 +99,20 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return ((q @ kk.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ vv
 
 
+def huge_page_advised(t: torch.Tensor) -> bool:
+    """Whether the mapping holding `t`'s storage was advised to take huge pages (the `hg` flag of `/proc/self/smaps`),
+    which is what `back_with_huge_pages` asks; whether the kernel found free huge pages for it is its own affair."""
+    address, mapping = t.untyped_storage().data_ptr() + (1 << 21), None  # inside the storage's first huge page
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            mapping = lo <= address < hi
+        elif mapping and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    return False
+
+
 def greedy_with_logprobs(engine, prompts: list[list[int]], **backend) -> list[tuple[list[int], list[float]]]:
     """Each prompt's 12 greedy tokens and their logprobs, all prompts in the same steps."""
     return greedy_mixed(engine, [(p, backend) for p in prompts])

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from backend_harness import masked_attention
+from backend_harness import huge_page_advised, masked_attention
 
 from attention_backends.kernels.decode import DecodePlan, decode_plan, paged_decode
+from attention_backends.kernels.huge_pages import HUGE_PAGE, back_with_huge_pages, huge_pages_possible, zeros
 from attention_backends.kernels.paged import context_slots, gather_head_slots, gather_range, take_blocks, write_kv
 from attention_backends.kernels.prefill import paged_prefill, prefill_plan
 from attention_backends.kernels.ranges import RangeRow, attend_ranges, range_work
@@ -475,3 +476,18 @@ def test_cpp_kernels_in_narrower_vectors(flags, lanes):
     env = {**os.environ, "LONGSERVE_CPU_FLAGS": flags}
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not huge_pages_possible(), reason="this machine's kernel gives no transparent huge pages")
+def test_a_cache_backed_by_huge_pages_reads_zeros_where_it_was_given_back():
+    cache = torch.ones(3 << 20)  # 12 MiB: several whole huge pages and, at most, two ragged ends
+    advised = back_with_huge_pages(cache)
+    start = -cache.data_ptr() % HUGE_PAGE // cache.element_size()
+    assert advised >= 4 * HUGE_PAGE and advised % HUGE_PAGE == 0 and huge_page_advised(cache)
+    inside = slice(start, start + advised // cache.element_size())
+    assert not cache[inside].any()  # given back: it reads as zeros, and faults in as huge pages once written
+    assert cache[: inside.start].eq(1).all() and cache[inside.stop :].eq(1).all()  # the ragged ends keep theirs
+    cache[inside] = 2.0
+    assert cache[inside].eq(2).all()
+    z = zeros((5, 1 << 19), torch.float16, torch.device("cpu"))
+    assert z.dtype == torch.float16 and z.shape == (5, 1 << 19) and not z.any() and huge_page_advised(z)

@@ -1,9 +1,9 @@
 """The plugin end to end inside vLLM (in process, eager, a tiny random Llama made here). At its dense limit each
 backend gives stock vLLM's greedy tokens: LONGSERVE_DENSE, SWAA with a window over every prompt, Loki keeping every
 key, InfLLM-V2 under its switch, Star with one context block, TCA with every budget full. In a sparse setting each
-gives longserve's own engine's tokens on the same model, prompts, params and artifact (InfLLM-V2 through prefix hits
-and reused blocks, Star through chunked prefill); `release_kv` hands blocks back while the request runs and changes
-no token; a bad config fails start-up with its message."""
+gives longserve's own engine's tokens on the same model, prompts, params and artifact (Loki from a cache on huge
+pages, InfLLM-V2 through prefix hits and reused blocks, Star through chunked prefill); `release_kv` hands blocks back
+while the request runs and changes no token; a bad config fails start-up with its message."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("vllm", reason="the plugin's tests run in the vLLM venv (make test makes it)")
 
 import torch  # noqa: E402
-from backend_harness import greedy_with_logprobs, tiny_llama  # noqa: E402
+from backend_harness import greedy_with_logprobs, huge_page_advised, tiny_llama  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.distributed import cleanup_dist_env_and_memory  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.plugins import load_general_plugins  # noqa: E402
 
 from attention_backends.calibration import calibrate, fingerprint, load_artifact, save_artifact  # noqa: E402
+from attention_backends.kernels.huge_pages import huge_pages_possible  # noqa: E402
 from attention_backends.registry import validate_params  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -60,11 +61,15 @@ def vllm_engine(tiny, backend: str | None = None, longserve: dict | None = None,
         cleanup_dist_env_and_memory()
 
 
+def generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def vllm_greedy(tiny, prompts, backend: str | None = None, longserve: dict | None = None, **engine_args
                 ) -> list[list[int]]:
     with vllm_engine(tiny, backend, longserve, **engine_args) as llm:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], GREEDY, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return generate(llm, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +124,13 @@ def test_loki_keeping_every_key_gives_stock_vllms_tokens(tiny, prompts, stock, l
     assert vllm_greedy(tiny, prompts, "LONGSERVE_LOKI", {**every, "calibration": loki_artifact}) == stock
 
 
-def test_loki_gives_longserves_own_tokens(tiny, prompts, stock, loki_artifact):
+def test_loki_gives_longserves_own_tokens_from_a_cache_on_huge_pages(tiny, prompts, stock, loki_artifact):
     params = {**LOKI_SPARSE, "calibration": loki_artifact}
-    got = vllm_greedy(tiny, prompts, "LONGSERVE_LOKI", params)
+    with vllm_engine(tiny, "LONGSERVE_LOKI", params) as llm:
+        got = generate(llm, prompts)
+        # The buffer vLLM zeroed, its pages given back at the first forward and written again since (huge_pages.py)
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        assert huge_page_advised(runner.kv_caches[0]) == huge_pages_possible()
     assert got == longserve_greedy(tiny, prompts, "loki", **params)
     assert got != stock
 
