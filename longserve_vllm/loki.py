@@ -75,12 +75,13 @@ class LokiImpl(RangeImpl):
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        rotated = torch.bmm(key.transpose(0, 1), self.rotation[self.layer(layer.layer_name)[0]]).transpose(0, 1)
+        rotation = self.rotation[self.layer(layer.layer_name)[0]]
         if not ON_CPU:
+            rotated = torch.bmm(key.transpose(0, 1), rotation).transpose(0, 1)
             super().do_kv_cache_update(layer, rotated.contiguous(), value, kv_cache, slot_mapping)
             return
         n = slot_mapping.shape[0]
-        write_kv(*self.cache(layer, kv_cache), rotated[:n], value[:n], slot_mapping)
+        write_kv(*self.cache(layer, kv_cache), key[:n], value[:n], slot_mapping, rotation)
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: LokiWork) -> None:

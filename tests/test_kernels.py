@@ -81,6 +81,23 @@ def test_write_kv_stores_each_token_at_its_slot_and_skips_padding(monkeypatch, k
 
 
 @pytest.mark.parametrize("kernels", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_rotates_each_heads_keys_by_its_matrix(monkeypatch, kernels, dtype):
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    kc, vc = (c.to(dtype) for c in caches("vllm-cpu"))
+    k, v = torch.randn(2, 40, HKV, D, dtype=torch.float64).unbind(0)  # more tokens than one parallel grain
+    rotation = torch.linalg.qr(torch.randn(HKV, D, D, dtype=torch.float64))[0]
+    slots = torch.randperm(NB * BS)[:40]
+    slots[7] = -1
+    write_kv(kc, vc, k.to(dtype), v.to(dtype), slots, rotation.to(dtype))
+    kept = slots >= 0
+    want = torch.einsum("thi,hij->thj", k.to(dtype).double(), rotation.to(dtype).double())
+    torch.testing.assert_close(kc.flatten(0, 1)[slots[kept]], want[kept].to(dtype))  # summed in float32
+    assert torch.equal(vc.flatten(0, 1)[slots[kept]], v.to(dtype)[kept])
+    assert int((kc != 0).any(-1).sum()) == 39 * HKV
+
+
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("sinks", "window"), [(None, None), ([0, 3, 20], [8, 5, 100]), ([4, 0, 2], [None, 30, 3])])
 def test_decode_sees_sinks_and_its_window(monkeypatch, kernels, layout, sinks, window):

@@ -79,8 +79,18 @@ def write_slots(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store new tokens' K/V, `k`/`v` `[T, H_kv, D]`, at `slot_mapping` `[T]` (see `write_slots`)."""
+             slot_mapping: torch.Tensor, key_rotation: torch.Tensor | None = None) -> None:
+    """Store new tokens' K/V, `k`/`v` `[T, H_kv, D]`, at `slot_mapping` `[T]` (see `write_slots`); with
+    `key_rotation` `[H_kv, D, D]`, each head's keys as `k @ key_rotation[head]` (a backend keeping keys in another
+    basis, Loki's). One C++ call on the CPU: a decode step stores one token per layer."""
+    if use_cpp(k_cache.device):
+        from attention_backends.kernels import cpu_ext
+
+        cpu_ext.load().write_kv(k_cache, v_cache, k, v, slot_mapping.long().contiguous(),
+                                None if key_rotation is None else key_rotation.contiguous())
+        return
+    if key_rotation is not None:
+        k = torch.bmm(k.transpose(0, 1), key_rotation).transpose(0, 1)
     write_slots(k_cache, k, slot_mapping)
     write_slots(v_cache, v, slot_mapping)
 

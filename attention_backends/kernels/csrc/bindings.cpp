@@ -13,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &longserve::silu_and_mul, "silu(gate) * up from rows of gate values followed by up values");
   m.def("rotary_inplace", &longserve::rotary_inplace, "rotary position embedding on queries and keys, in place");
   m.def("write_slots", &longserve::write_slots, "store fresh rows at their cache slots");
+  m.def("write_kv", &longserve::write_kv, "store fresh keys, rotated per head if a rotation is given, and values",
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
+        py::arg("key_rotation") = py::none());
   m.def("paged_decode", &longserve::paged_decode,
         "paged decode over sinks and a band, read in place, through a block table per row or per row and KV head",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("ranges"), py::arg("scale"),

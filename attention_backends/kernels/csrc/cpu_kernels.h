@@ -511,6 +511,8 @@ torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 void rotary_inplace(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, const torch::Tensor& sin);
 
 void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping);
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& k, const torch::Tensor& v,
+              const torch::Tensor& slot_mapping, const std::optional<torch::Tensor>& key_rotation);
 
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& tables, const torch::Tensor& ranges, double scale,
