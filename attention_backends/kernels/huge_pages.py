@@ -6,8 +6,8 @@ there). On 4 KiB pages such reads miss the TLB and wait for page walks; on 2 MiB
 hundred pages, which the TLB holds. Linux backs anonymous memory with huge pages only where a range asks for them
 (`madvise`) under its usual `transparent_hugepage=madvise` setting, and a buffer already written (vLLM allocates its
 cache with `torch.zeros`) keeps the pages it has: its pages are given back, and fault in again as huge pages where
-it is next written. At 7.5k the C++ decode takes 0.90x its time on 4 KiB pages, Loki's 0.86x
-(`benchmarks/bench_decode_kernel.py`).
+it is next written. At 8k a layer's C++ decode takes 0.82-0.91x its time on 4 KiB pages, Loki's 0.90-0.91x
+(`benchmarks/bench_decode_kernel.py`, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_pages_possible() -> bool:
+    """Whether this kernel gives transparent huge pages to a range that asks (not `never`)."""
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
