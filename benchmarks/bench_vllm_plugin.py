@@ -147,7 +147,7 @@ def main() -> None:
             hits = "".join("Y" if score("passkey", samples[n, d].answers, results[name, (n, d)][0]["text"]) else "."
                            for d in depths)
             print(f"| {name} | {n} | {med(name, 'ttft'):.2f} s | {med(name, 'ttft') / med(base, 'ttft'):.2f}x | "
-                  f"{med(name, 'tpot') * 1e3:.0f} ms | {med(name, 'tpot') / med(base, 'tpot'):.2f}x | "
+                  f"{med(name, 'tpot') * 1e3:.1f} ms | {med(name, 'tpot') / med(base, 'tpot'):.3f}x | "
                   f"{med(name, 'peak'):.0f} | {med(name, 'decode'):.0f} | "
                   f"{med(name, 'decode') / med(base, 'decode'):.2f}x | {hits} |")
 
