@@ -49,18 +49,15 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dic
 
 def layer_cache(layout: str, nb: int, bs: int, g: torch.Generator, huge: bool = False) -> tuple[torch.Tensor, ...]:
     """(k_cache, v_cache, low-rank keys) of one layer in `layout`; `huge`: on 2 MiB pages (`huge_pages.py`)."""
-    def randn(*shape: int) -> torch.Tensor:
-        x = torch.randn(*shape, generator=g)
-        return zeros(x.shape, x.dtype, x.device).copy_(x) if huge else x
+    def placed(x: torch.Tensor) -> torch.Tensor:  # a contiguous copy, on 2 MiB pages if `huge`
+        return zeros(x.shape, x.dtype, x.device).copy_(x) if huge else x.contiguous()
 
     rank = LokiParams().rank(D)
     if layout == "longserve":
-        k, v = randn(2, nb, bs, HKV, D)
+        k, v = placed(torch.randn(2, nb, bs, HKV, D, generator=g))
         # longserve keeps Loki's low-rank keys in a table of their own, each block's channels one after the other
-        low = k[..., :rank].permute(0, 2, 3, 1)
-        return k, v, (zeros(low.shape, low.dtype, low.device).copy_(low) if huge else low.contiguous()).permute(
-            0, 3, 1, 2)
-    cells = randn(nb, HKV, bs, 2 * D)
+        return k, v, placed(k[..., :rank].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    cells = placed(torch.randn(nb, HKV, bs, 2 * D, generator=g))
     if layout == "vllm-cpu":
         k, v = cache_views(cells, D, "vec")
     else:  # each (page, head): its keys row by row, then its values
@@ -80,8 +77,8 @@ def main() -> None:
     used = -(-args.context // bs)
     nb = used + used // 4  # a pool with free blocks, so the table's ids are scattered
     # The same caches on 4 KiB and on 2 MiB pages
-    caches = {huge: [layer_cache(args.layout, nb, bs, cells, huge) for _ in range(args.layers)]
-              for huge, cells in ((False, torch.Generator().manual_seed(1)), (True, torch.Generator().manual_seed(1)))}
+    caches = {huge: [layer_cache(args.layout, nb, bs, filler, huge) for _ in range(args.layers)]
+              for huge, filler in ((False, torch.Generator().manual_seed(1)), (True, torch.Generator().manual_seed(1)))}
     table = torch.randperm(nb, generator=g)[:used]
     q = torch.randn(1, HQ, D, generator=g)
     nbytes = 2 * args.context * HKV * D * 4

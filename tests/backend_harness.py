@@ -13,6 +13,7 @@ import torch
 
 from attention_backends.base import AttentionBackend
 from attention_backends.context import BackendBatch, Phase, SeqStep
+from attention_backends.kernels.huge_pages import HUGE_PAGE
 from attention_backends.kernels.paged import context_slots
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
@@ -102,7 +103,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def huge_page_advised(t: torch.Tensor) -> bool:
     """Whether the mapping holding `t`'s storage was advised to take huge pages (the `hg` flag of `/proc/self/smaps`),
     which is what `back_with_huge_pages` asks; whether the kernel found free huge pages for it is its own affair."""
-    address, mapping = t.untyped_storage().data_ptr() + (1 << 21), None  # inside the storage's first huge page
+    address, mapping = t.untyped_storage().data_ptr() + HUGE_PAGE, None  # inside the storage's first huge page
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):

@@ -11,46 +11,34 @@
 namespace longserve {
 namespace {
 
+// Row x[t, h] at slot t; with a rotation ([H, C, C] contiguous), x[t, h] @ rotation[h] instead, summed in float.
 template <typename scalar_t>
-void copy_rows(torch::Tensor& cache, const torch::Tensor& x, const int64_t* slots) {
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), bs = cache.size(1);
-  const Strides cs(cache);
-  const int64_t xt = x.stride(0), xh = x.stride(1), xd = x.stride(2);
-  scalar_t* dst = cache.data_ptr<scalar_t>();
-  const scalar_t* src = x.data_ptr<scalar_t>();
-  at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (slots[t] < 0) continue;
-      scalar_t* row = dst + (slots[t] / bs) * cs.block + (slots[t] % bs) * cs.pos;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) row[h * cs.head + d * cs.dim] = src[t * xt + h * xh + d * xd];
-    }
-  });
-}
-
-// Each row times its head's matrix, `x[t, h] @ rotation[h]` (rotation [H, C, C] contiguous), summed in float.
-template <typename scalar_t>
-void rotate_rows(torch::Tensor& cache, const torch::Tensor& x, const int64_t* slots, const torch::Tensor& rotation) {
+void store_rows(torch::Tensor& cache, const torch::Tensor& x, const int64_t* slots, const scalar_t* rotation) {
   const int64_t T = x.size(0), H = x.size(1), C = x.size(2), bs = cache.size(1);
   const Strides cs(cache);
   const int64_t xt = x.stride(0), xh = x.stride(1), xd = x.stride(2);
   scalar_t* dst = cache.data_ptr<scalar_t>();
   const scalar_t* src = x.data_ptr<scalar_t>();
-  const scalar_t* rot = rotation.data_ptr<scalar_t>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    float* acc = scratch<float, 0>(C);
+  at::parallel_for(0, T, rotation ? 16 : 256, [&](int64_t begin, int64_t end) {
+    float* acc = rotation ? scratch<float, 0>(C) : nullptr;
     for (int64_t t = begin; t < end; ++t) {
       if (slots[t] < 0) continue;
       scalar_t* row = dst + (slots[t] / bs) * cs.block + (slots[t] % bs) * cs.pos;
       for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* in = src + t * xt + h * xh;
+        scalar_t* out = row + h * cs.head;
+        if (rotation == nullptr) {
+          for (int64_t d = 0; d < C; ++d) out[d * cs.dim] = in[d * xd];
+          continue;
+        }
         std::fill(acc, acc + C, 0.f);
         for (int64_t i = 0; i < C; ++i) {
-          const float xi = as_float(src[t * xt + h * xh + i * xd]);
-          const scalar_t* r = rot + (h * C + i) * C;
+          const float xi = as_float(in[i * xd]);
+          const scalar_t* r = rotation + (h * C + i) * C;
 #pragma omp simd
           for (int64_t j = 0; j < C; ++j) acc[j] += xi * as_float(r[j]);
         }
-        for (int64_t j = 0; j < C; ++j) row[h * cs.head + j * cs.dim] = static_cast<scalar_t>(acc[j]);
+        for (int64_t j = 0; j < C; ++j) out[j * cs.dim] = static_cast<scalar_t>(acc[j]);
       }
     }
   });
@@ -76,7 +64,7 @@ const int64_t* checked_slots(const torch::Tensor& cache, const torch::Tensor& x,
 void write_slots(torch::Tensor cache, const torch::Tensor& x, const torch::Tensor& slot_mapping) {
   const int64_t* slots = checked_slots(cache, x, slot_mapping);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "write_slots",
-                                  [&] { copy_rows<scalar_t>(cache, x, slots); });
+                                  [&] { store_rows<scalar_t>(cache, x, slots, nullptr); });
 }
 
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& k, const torch::Tensor& v,
@@ -91,11 +79,8 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor&
                 "a key rotation must be contiguous [H_kv, D, D] in the keys' dtype");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "write_kv", [&] {
-    if (key_rotation)
-      rotate_rows<scalar_t>(k_cache, k, slots, *key_rotation);
-    else
-      copy_rows<scalar_t>(k_cache, k, slots);
-    copy_rows<scalar_t>(v_cache, v, slots);
+    store_rows<scalar_t>(k_cache, k, slots, key_rotation ? key_rotation->data_ptr<scalar_t>() : nullptr);
+    store_rows<scalar_t>(v_cache, v, slots, nullptr);
   });
 }
 
