@@ -33,7 +33,7 @@ from longserve_vllm.platform_backend import ON_CPU
 
 @dataclass(frozen=True, slots=True)
 class LokiWork:
-    exact: RangeWork  # prefill chunks, and decodes under the dense floor
+    exact: RangeWork | None  # prefill chunks, and decodes under the dense floor (None: no such row)
     topk_rows: torch.Tensor | slice  # rows of decodes that keep their top keys (`row_index`)
     topk: TopkDecodePlan | None
 
@@ -66,7 +66,7 @@ class LokiImpl(RangeImpl):
         topk = [r for r in rows if scored(r)]
         plan = topk_decode_plan([r.block_table for r in topk], [r.start + 1 for r in topk], [self.params] * len(topk),
                                 geometry["device"]) if topk else None
-        return LokiWork(range_work(exact, **geometry), row_index([r.row for r in topk]), plan)
+        return LokiWork(range_work(exact, **geometry) if exact else None, row_index([r.row for r in topk]), plan)
 
     def cache_packing(self, layer: torch.nn.Module) -> str | None:
         # On the CPU, keys row by row: a decode reads a quarter of its keys whole, scattered, which vLLM's transposed
@@ -85,17 +85,23 @@ class LokiImpl(RangeImpl):
 
     def attend(self, layer_index: int, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, work: LokiWork) -> None:
-        # A KV head's query heads share its basis: their rows go through one product (a decode's without a copy), so
-        # each basis is read once, not once per query head.
-        qr = torch.bmm(q.reshape(self.num_kv_heads, -1, q.shape[-1]), self.rotation[layer_index]).view(q.shape)
-        # Fresh keys only spare prefill chunks a read of the cache.
-        kr = None if k is None or not work.exact.prefill.chunks else torch.bmm(k, self.rotation[layer_index])
-        attend_ranges(out, qr, kr, v, k_cache, v_cache, work.exact, self.scale)
+        rotation = self.rotation[layer_index]
+        if work.exact is not None:
+            # A KV head's query heads share its basis: their rows go through one product, so each basis is read once.
+            qr = torch.bmm(q.reshape(self.num_kv_heads, -1, q.shape[-1]), rotation).view(q.shape)
+            # Fresh keys only spare prefill chunks a read of the cache.
+            kr = None if k is None or not work.exact.prefill.chunks else torch.bmm(k, rotation)
+            attend_ranges(out, qr, kr, v, k_cache, v_cache, work.exact, self.scale)
         if work.topk is not None:
+            # The op rotates the rows' queries itself and scores only the first d channels, read where the cache
+            # holds them. Decodes come first in vLLM's batch, so their rows are a run that it writes in place.
             rows = work.topk_rows
-            # Only the first d channels are scored, read where the cache holds them.
-            out[:, rows] = lowrank_topk_decode(qr[:, rows].transpose(0, 1), k_cache[..., : self.rank], k_cache,
-                                               v_cache, work.topk, self.sets, self.scale).transpose(0, 1)
+            run = isinstance(rows, slice)
+            found = lowrank_topk_decode(q[:, rows].transpose(0, 1), k_cache[..., : self.rank], k_cache, v_cache,
+                                        work.topk, self.sets, self.scale, query_rotation=rotation,
+                                        out=out[:, rows].transpose(0, 1) if run else None)
+            if not run:
+                out[:, rows] = found.transpose(0, 1)
 
 
 class LokiBackend(LongserveBackend):

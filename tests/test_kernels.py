@@ -457,6 +457,24 @@ def test_lowrank_topk_decode_keeps_each_sets_best_keys(monkeypatch, kernels, lay
     check_topk_decode(kernels, layout, per_kv_head, HQ, D, 4)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpp"])
+def test_lowrank_topk_decode_rotates_the_queries_and_writes_into_out(monkeypatch, kernels):
+    # vLLM's Loki hands the op its queries unrotated with each KV head's basis, and the rows of its output to fill.
+    monkeypatch.setenv("LONGSERVE_KERNELS", kernels)
+    lengths = [530, 90]
+    kc, vc, seqs = filled("vllm-cpu", lengths)
+    g = torch.Generator().manual_seed(5)
+    rotation = torch.linalg.qr(torch.randn(HKV, D, D, generator=g)).Q
+    q = torch.randn(len(lengths), HQ, D, generator=g)
+    plan = topk_decode_plan([t for t, _, _ in seqs], lengths, [Rule(8, 32, 0.25, 16, 64)] * 2, num_blocks=NB)
+    rotated = torch.stack([q[:, c] @ rotation[c // (HQ // HKV)] for c in range(HQ)], 1)
+    want = lowrank_topk_decode(rotated, kc[..., :4], kc, vc, plan, HKV, SCALE)
+    out = torch.full_like(q, float("nan"))
+    got = lowrank_topk_decode(q, kc[..., :4], kc, vc, plan, HKV, SCALE, query_rotation=rotation, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("hq", [2, 6, 10])
 @pytest.mark.parametrize("per_kv_head", [True, False], ids=["per-kv-head", "per-query-head"])
@@ -466,6 +484,31 @@ def test_cpp_topk_decode_at_the_head_dims_it_compiles_for(monkeypatch, dim, hq, 
     # set take the exact pass's register-blocked loops, 5 the general ones.
     monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
     check_topk_decode("cpp", "contiguous", per_kv_head, hq, dim, dim // 4)
+
+
+def test_cpp_topk_decode_keeps_the_earlier_of_equal_scores(monkeypatch):
+    # Low-rank channels and queries of small integers give exact scores of a few values: the budget ends inside a
+    # run of equal scores at every level of the selection, and the earliest keys of that run are the ones kept.
+    monkeypatch.setenv("LONGSERVE_KERNELS", "cpp")
+    n, rank, heads = 530, 4, HQ // HKV
+    g = torch.Generator().manual_seed(7)
+    kc, vc, [(table, k, v)] = filled("contiguous", [n], seed=7)
+    k[..., :rank] = torch.randint(-1, 2, (HKV, n, rank), generator=g).float()
+    write_kv(kc, vc, k.transpose(0, 1), v.transpose(0, 1), context_slots(table, 0, n, BS))
+    q = torch.randint(-1, 2, (1, HQ, D), generator=g).float()
+    rule = Rule(8, 32, 0.25, 16, 64)
+    got = lowrank_topk_decode(q, kc[..., :rank], kc, vc, topk_decode_plan([table], [n], [rule], num_blocks=NB), HKV,
+                              SCALE)
+    budget, scored = int(rule.k_frac * n), torch.arange(rule.sinks, n - rule.local_window)
+    mask = torch.zeros(HQ, 1, n, dtype=torch.bool)
+    mask[..., : rule.sinks] = mask[..., n - rule.local_window :] = True
+    for h in range(HKV):
+        scores = k[h, scored, :rank] @ q[0, h * heads : (h + 1) * heads, :rank].sum(0)
+        order = scored[torch.sort(-scores, stable=True).indices]  # score descending, position ascending
+        assert scores[order[budget - 1] - rule.sinks] == scores[order[budget] - rule.sinks]  # a tie at the cut
+        mask[h * heads : (h + 1) * heads, 0, order[:budget]] = True
+    torch.testing.assert_close(got[0], masked_attention(q[0][:, None], k, v, mask, SCALE)[:, 0], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_cpp_topk_decode_refuses_a_row_that_keeps_nothing(monkeypatch):

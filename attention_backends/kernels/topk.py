@@ -88,16 +88,23 @@ def topk_decode_plan(block_tables: Sequence[torch.Tensor], seq_lens: Sequence[in
 
 
 def lowrank_topk_decode(q: torch.Tensor, low: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        plan: TopkDecodePlan, sets: int, scale: float) -> torch.Tensor:
-    """q `[B, H_q, D]` (rotated), one query per row, over the keys its rule keeps by the scores of the low-rank keys
-    `low` `[num_blocks, block_size, H_kv, d]` (the first d rotated channels, beside the cache or in it) -> `[B, H_q,
-    D]`. Key sets: one per KV head (`sets` = H_kv) or per query head (`sets` = H_q)."""
+                        plan: TopkDecodePlan, sets: int, scale: float, *, query_rotation: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """q `[B, H_q, D]`, one query per row, over the keys its rule keeps by the scores of the low-rank keys `low`
+    `[num_blocks, block_size, H_kv, d]` (the first d rotated channels, beside the cache or in it) -> `[B, H_q, D]`,
+    written into `out` (contiguous) when given. q is rotated already, or by `query_rotation` `[H_kv, D, D]` here,
+    each KV head's query heads by its matrix. Key sets: one per KV head (`sets` = H_kv) or per query head (`sets` =
+    H_q)."""
     if plan.kernel == "cpp":
         from attention_backends.kernels import cpu_ext
 
         return cpu_ext.load().lowrank_topk_decode(q.contiguous(), low, k_cache, v_cache, plan.block_tables,
-                                                  plan.limits, sets, scale)
-    bs, out = k_cache.shape[1], torch.empty_like(q)
+                                                  plan.limits, sets, scale,
+                                                  None if query_rotation is None else query_rotation.contiguous(), out)
+    if query_rotation is not None:
+        q = (q.unflatten(1, (query_rotation.shape[0], -1)) @ query_rotation).flatten(1, 2)
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q) if out is None else out
     for b, (length, sinks, local, budget) in enumerate(plan.limits.T.tolist()):
         table = plan.block_tables[b, : cdiv(length, bs)].long()
         rows = q[b].unsqueeze(1)  # [H_q, 1, D]

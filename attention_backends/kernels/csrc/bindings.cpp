@@ -25,7 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("table"), py::arg("start"), py::arg("sinks"),
         py::arg("lo"), py::arg("window"), py::arg("scale"), py::arg("keep") = py::none());
   m.def("lowrank_topk_decode", &longserve::lowrank_topk_decode,
-        "decode over each key set's top keys by low-rank scores, read in place");
+        "decode over each key set's top keys by low-rank scores, read in place", py::arg("q"), py::arg("low"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"), py::arg("limits"), py::arg("sets"),
+        py::arg("scale"), py::arg("query_rotation") = py::none(), py::arg("out") = py::none());
   m.def("select_decode_pages", &longserve::select_decode_pages,
         "InfLLM-V2's block selection for one query per row: the pages each KV head attends to", py::arg("q"),
         py::arg("means"), py::arg("tables"), py::arg("positions"), py::arg("page"), py::arg("block"),

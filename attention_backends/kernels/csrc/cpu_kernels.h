@@ -524,7 +524,9 @@ void paged_prefill(torch::Tensor out, const torch::Tensor& q, const torch::Tenso
 
 torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
                                   const torch::Tensor& v_cache, const torch::Tensor& tables,
-                                  const torch::Tensor& limits, int64_t sets, double scale);
+                                  const torch::Tensor& limits, int64_t sets, double scale,
+                                  const std::optional<torch::Tensor>& query_rotation,
+                                  const std::optional<torch::Tensor>& out);
 
 torch::Tensor select_decode_pages(const torch::Tensor& q, const torch::Tensor& means, const torch::Tensor& tables,
                                   const torch::Tensor& positions, int64_t page, int64_t block, int64_t kernel,

@@ -1,19 +1,20 @@
 // Loki's decode on the CPU in one call per layer: score every cached key on its first d (rotated) channels, keep
 // each key set's top keys, attend exactly to those: the reference is `topk.py` (lowrank_scores, keep_top) and
-// `slots.py` (slot_attention), row by row.
+// `slots.py` (slot_attention), row by row. Given a rotation per KV head, the queries are rotated here (the plugin's
+// Loki hands them in as the model made them), and given `out`, the result is written there (the rows of vLLM's
+// output).
 //
-// Row b has `len_b` keys; its first `sinks_b` and last `local_b` are always kept, and `budget_b` more of the
-// others, those that score highest (all of them when fewer remain). A key set is one KV head, whose G query
-// heads share what they keep and score with their queries summed (sets == H_kv), or one query head
-// (sets == H_q). Scores over (row, span of keys), reading the d channels of every KV head of a block at once, 16
-// keys at a time, with the rows of the block two ahead prefetched (a block's few low-rank rows are too few for the
-// hardware prefetchers); then, in one parallel loop, selection over (row, set), by the scores' top bits first (a
-// histogram) and then among the keys of the threshold's bucket only, and exact attention over (row, set, span of
-// kept keys), with the kept keys' rows prefetched ahead, merged exactly per query head as in paged decode. Spans
-// are cut by `split_even`. For float caches with contiguous channels the exact pass takes paged decode's
-// register-blocked forms (a vector of kept keys scored at a time, a value row read once for the set's query heads):
-// 0.80-0.97x the time of a layer's decode at 8k with the per-key forms, the same sums in the same order
-// (benchmarks/bench_decode_kernel.py's caches).
+// Row b has `len_b` keys; its first `sinks_b` and last `local_b` are always kept, and `budget_b` more of the others,
+// those that score highest (all of them when fewer remain). A key set is one KV head, whose G query heads share what
+// they keep and score with their queries summed (sets == H_kv), or one query head (sets == H_q). Scores over (row, span
+// of keys), reading the d channels of every KV head of a block at once, 16 keys at a time, with the rows of the block
+// two ahead prefetched (a block's few low-rank rows are too few for the hardware prefetchers); then, in one parallel
+// loop, selection over (row, set), a histogram of the scores' bits a part at a time, each among the keys of the
+// previous one's threshold bucket only, and exact attention over (row, set, span of kept keys), with the kept keys'
+// rows prefetched ahead, merged exactly per query head as in paged decode. Spans are cut by `split_even`. For float
+// caches with contiguous channels the exact pass takes paged decode's register-blocked forms (a vector of kept keys
+// scored at a time, a value row read once for the set's query heads): 0.80-0.97x the time of a layer's decode at 8k
+// with the per-key forms, the same sums in the same order (benchmarks/bench_decode_kernel.py's caches).
 
 #include <ATen/Parallel.h>
 
@@ -50,9 +51,38 @@ int64_t kept_count(int64_t len, int64_t sinks, int64_t local, int64_t budget) {
   return lo + (len - hi) + std::min(budget, hi - lo);
 }
 
+// Of the keys `order[cand[j]]`, j < n (positions ascending), those whose bits [shift, shift + width) are the
+// largest: the bucket the `need`-th largest falls in, which the candidates are narrowed to (in place, in order),
+// and `need` becomes the number still to take among them. A histogram per way, summed after: consecutive keys in
+// one bucket would otherwise wait on each other's count.
+template <int kWays>
+int64_t narrow(const uint32_t* order, int32_t* cand, int64_t n, int shift, int width, int64_t& need) {
+  constexpr int kMaxBuckets = 1 << kBucketBits;
+  int32_t hist[kWays][kMaxBuckets];
+  const uint32_t mask = (1u << width) - 1;
+  for (auto& way : hist) std::fill(way, way + (mask + 1), 0);
+  for (int64_t j = 0; j < n; ++j) ++hist[j % kWays][order[cand[j]] >> shift & mask];
+  auto count = [&](uint32_t b) {
+    int64_t c = 0;
+    for (int w = 0; w < kWays; ++w) c += hist[w][b];
+    return c;
+  };
+  uint32_t cut = mask;
+  while (count(cut) < need) need -= count(cut--);
+  // Kept or not is random, which a branch per key would mispredict: every candidate is written, the count moves on
+  // for those in the bucket.
+  int64_t kept = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    cand[kept] = cand[j];
+    kept += (order[cand[j]] >> shift & mask) == cut;
+  }
+  return kept;
+}
+
 // Writes to `out`, in ascending order, the row's forced keys (its first `sinks` and last `local`) and the `budget`
-// highest-scoring others (`kept_count` of them); ties go to the earlier position. The others' scores are ranked by
-// their top bits first (a histogram); only the keys of the bucket the budget ends in are ranked in full.
+// highest-scoring others (`kept_count` of them); ties go to the earlier position. The others' scores, as ordered
+// integers, are ranked 11, 11 and 10 bits at a time from the top (`narrow`), each time among the keys of the
+// bucket the budget ends in only: the keys left then share one score, and the earliest of them are taken.
 void select(const float* scores, int64_t len, int64_t sinks, int64_t local, int64_t budget, int32_t* out) {
   const auto [lo, hi] = scored_range(len, sinks, local);
   int64_t n = 0;
@@ -60,33 +90,25 @@ void select(const float* scores, int64_t len, int64_t sinks, int64_t local, int6
   if (budget >= hi - lo) {
     for (int64_t t = lo; t < hi; ++t) out[n++] = static_cast<int32_t>(t);
   } else if (budget > 0) {
-    // Four histograms, summed after: consecutive keys in one bucket would otherwise wait on each other's count.
-    constexpr int kWays = 4, kShift = 32 - kBucketBits;
-    int32_t hist[kWays][1 << kBucketBits] = {};
-    uint32_t* keys = scratch<uint32_t, 0>(len);
-    for (int64_t t = lo; t < hi; ++t) {
-      keys[t] = order_key(scores[t]);
-      ++hist[t % kWays][keys[t] >> kShift];
+    const int64_t m = hi - lo;
+    uint32_t* order = scratch<uint32_t, 0>(m);
+    int32_t* cand = scratch<int32_t, 2>(m);
+    for (int64_t i = 0; i < m; ++i) {
+      order[i] = order_key(scores[lo + i]);
+      cand[i] = static_cast<int32_t>(i);
     }
-    int64_t above = 0;
-    uint32_t cut = (1 << kBucketBits) - 1;
-    auto count = [&](uint32_t b) { return hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]; };
-    while (above + count(cut) < budget) above += count(cut--);
-    thread_local std::vector<std::pair<uint32_t, int32_t>> tied;
-    tied.clear();
-    for (int64_t t = lo; t < hi; ++t)
-      if (keys[t] >> kShift == cut) tied.emplace_back(keys[t], static_cast<int32_t>(t));
+    int64_t need = budget;
+    int64_t left = narrow<4>(order, cand, m, 32 - kBucketBits, kBucketBits, need);
+    left = narrow<1>(order, cand, left, 32 - 2 * kBucketBits, kBucketBits, need);
+    narrow<1>(order, cand, left, 0, 32 - 2 * kBucketBits, need);
     // The last key taken, in the order (score descending, position ascending): everything before it is kept.
-    auto before = [](const auto& a, const auto& b) {
-      return a.first != b.first ? a.first > b.first : a.second < b.second;
-    };
-    std::nth_element(tied.begin(), tied.begin() + (budget - above - 1), tied.end(), before);
-    const auto [last_key, last_pos] = tied[budget - above - 1];
-    // A flag per key, then eight flags at a time: kept or not is random, which a branch per key would mispredict.
-    uint8_t* flags = scratch<uint8_t, 0>(hi - lo + 8);
-    std::fill(flags + (hi - lo), flags + (hi - lo + 8), 0);
-    for (int64_t t = lo; t < hi; ++t) flags[t - lo] = keys[t] > last_key || (keys[t] == last_key && t <= last_pos);
-    for (int64_t base = 0; base < hi - lo; base += 8) {
+    const int64_t last = cand[need - 1];
+    const uint32_t last_key = order[last];
+    // A flag per key, then eight flags at a time (again no branch per key).
+    uint8_t* flags = scratch<uint8_t, 0>(m + 8);
+    std::fill(flags + m, flags + m + 8, 0);
+    for (int64_t i = 0; i < m; ++i) flags[i] = order[i] > last_key || (order[i] == last_key && i <= last);
+    for (int64_t base = 0; base < m; base += 8) {
       uint64_t eight;
       std::memcpy(&eight, flags + base, sizeof eight);
       for (; eight; eight &= eight - 1) out[n++] = static_cast<int32_t>(lo + base + (__builtin_ctzll(eight) >> 3));
@@ -100,9 +122,9 @@ struct Piece {
 };
 
 template <int64_t kD, int64_t kd, typename scalar_t>
-void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
-                 const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& limits, int64_t S,
-                 double scale, torch::Tensor& out) {
+void topk_decode(const torch::Tensor& q, const scalar_t* rotation, const torch::Tensor& low,
+                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& tables,
+                 const torch::Tensor& limits, int64_t S, double scale, torch::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), d = low.size(3);
   const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), width = tables.size(1);
   const int64_t per_kv = S / Hkv, heads = Hq / S;  // sets per KV head, query heads per set
@@ -112,7 +134,6 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
   // kept keys scored a vector at a time, each value row read once for the set's heads, their sums in registers.
   constexpr bool kBlocked = std::is_same_v<scalar_t, float> && kD > 0 && kD % 16 == 0;
   const bool blocked = kBlocked && ks.dim == 1 && vs.dim == 1 && heads <= 4;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* lp = low.data_ptr<scalar_t>();
   const scalar_t* kp = k_cache.data_ptr<scalar_t>();
   const scalar_t* vp = v_cache.data_ptr<scalar_t>();
@@ -132,11 +153,29 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
     TORCH_CHECK(count[set] > 0, "row ", b, " keeps no key: it needs sinks, a local window or a budget");
   }
 
+  // The queries in float, each rotated by its KV head's matrix when given (summed in float, as `write_kv` rotates
+  // keys): a step's few rows, which a separate product per layer would take longer to launch than to compute.
+  std::vector<float> qv(B * Hq * D);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  for (int64_t bc = 0; bc < B * Hq; ++bc) {
+    float* row = qv.data() + bc * D;
+    const scalar_t* in = qp + bc * D;
+    if (rotation == nullptr) {
+      for (int64_t j = 0; j < D; ++j) row[j] = as_float(in[j]);
+      continue;
+    }
+    const scalar_t* r = rotation + (bc % Hq) / (Hq / Hkv) * D * D;
+    for (int64_t i = 0; i < D; ++i) {
+      const float x = as_float(in[i]);
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) row[j] += x * as_float(r[i * D + j]);
+    }
+  }
   // Each set's query, summed over its heads, on the first d channels (scores rank keys: no scale needed).
   std::vector<float> qlow(B * S * d, 0.f);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < Hq; ++c)
-      for (int64_t j = 0; j < d; ++j) qlow[(b * S + c / heads) * d + j] += as_float(qp[(b * Hq + c) * D + j]);
+      for (int64_t j = 0; j < d; ++j) qlow[(b * S + c / heads) * d + j] += qv[(b * Hq + c) * D + j];
 
   float* scores = scratch<float, 1>(B * S * longest);
   std::vector<Piece> spans;
@@ -205,8 +244,8 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
       const int64_t n = w.last - w.first, h = w.set / per_kv;
       const int32_t* table = tp + w.row * width;
       const int32_t* list = kept + (w.row * S + w.set) * longest + w.first;
-      const scalar_t* qs = qp + (w.row * Hq + w.set * heads) * D;
-      for (int64_t j = 0; j < heads * D; ++j) qf[j] = as_float(qs[j]) * static_cast<float>(scale);
+      const float* qs = qv.data() + (w.row * Hq + w.set * heads) * D;
+      for (int64_t j = 0; j < heads * D; ++j) qf[j] = qs[j] * static_cast<float>(scale);
       auto row_of = [&](const scalar_t* cache, const Strides& st, int64_t j) {
         const int64_t pos = list[j];
         return cache + table[pos / bs] * st.block + (pos % bs) * st.pos + h * st.head;
@@ -268,21 +307,23 @@ void topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::
 }
 
 template <int64_t kD, typename scalar_t>
-void dispatch_rank(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
-                   const torch::Tensor& v_cache, const torch::Tensor& tables, const torch::Tensor& limits, int64_t S,
-                   double scale, torch::Tensor& out) {
+void dispatch_rank(const torch::Tensor& q, const scalar_t* rotation, const torch::Tensor& low,
+                   const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& tables,
+                   const torch::Tensor& limits, int64_t S, double scale, torch::Tensor& out) {
   // Loki's default rank (a quarter of the head dim) compiled with d fixed.
   if (low.size(3) == kD / 4)
-    topk_decode<kD, kD / 4, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+    topk_decode<kD, kD / 4, scalar_t>(q, rotation, low, k_cache, v_cache, tables, limits, S, scale, out);
   else
-    topk_decode<kD, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, S, scale, out);
+    topk_decode<kD, 0, scalar_t>(q, rotation, low, k_cache, v_cache, tables, limits, S, scale, out);
 }
 
 }  // namespace
 
 torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& low, const torch::Tensor& k_cache,
                                   const torch::Tensor& v_cache, const torch::Tensor& tables,
-                                  const torch::Tensor& limits, int64_t sets, double scale) {
+                                  const torch::Tensor& limits, int64_t sets, double scale,
+                                  const std::optional<torch::Tensor>& query_rotation,
+                                  const std::optional<torch::Tensor>& out) {
   check_query_and_cache(q, k_cache, v_cache, tables);
   TORCH_CHECK(low.dim() == 4 && low.size(0) == k_cache.size(0) && low.size(1) == k_cache.size(1) &&
                   low.size(2) == k_cache.size(2) && low.size(3) >= 1 && low.size(3) <= q.size(2),
@@ -294,13 +335,21 @@ torch::Tensor lowrank_topk_decode(const torch::Tensor& q, const torch::Tensor& l
   const int64_t Hq = q.size(1), Hkv = k_cache.size(2), D = q.size(2);
   TORCH_CHECK(sets > 0 && sets % Hkv == 0 && Hq % sets == 0, "key sets must be a multiple of the KV heads dividing "
               "the query heads");
-  auto out = torch::empty_like(q);
+  TORCH_CHECK(!query_rotation || (query_rotation->is_contiguous() && query_rotation->scalar_type() == q.scalar_type() &&
+                                  query_rotation->sizes() == torch::IntArrayRef({Hkv, D, D})),
+              "a query rotation must be contiguous [H_kv, D, D] in q's dtype");
+  TORCH_CHECK(!out || (out->is_contiguous() && out->sizes() == q.sizes() && out->scalar_type() == q.scalar_type() &&
+                       out->device().is_cpu()),
+              "out must be contiguous and of q's shape and dtype");
+  torch::Tensor result = out ? *out : torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lowrank_topk_decode", [&] {
-    if (D == 64) dispatch_rank<64, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
-    else if (D == 128) dispatch_rank<128, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
-    else topk_decode<0, 0, scalar_t>(q, low, k_cache, v_cache, tables, limits, sets, scale, out);
+    const scalar_t* rotation = query_rotation ? query_rotation->data_ptr<scalar_t>() : nullptr;
+    if (D == 64) dispatch_rank<64, scalar_t>(q, rotation, low, k_cache, v_cache, tables, limits, sets, scale, result);
+    else if (D == 128)
+      dispatch_rank<128, scalar_t>(q, rotation, low, k_cache, v_cache, tables, limits, sets, scale, result);
+    else topk_decode<0, 0, scalar_t>(q, rotation, low, k_cache, v_cache, tables, limits, sets, scale, result);
   });
-  return out;
+  return result;
 }
 
 }  // namespace longserve
