@@ -9,6 +9,7 @@ schema shows them; the sampling checks that depend on each other live in `Sampli
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Literal
@@ -168,17 +169,60 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # OpenAI sends a JSON string
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, in a conversation's history
+    tool_call_id: str | None = None  # which call a tool message answers
 
     def text(self) -> str:
+        """The content as one string, text parts joined by newlines as vLLM joins them."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as vLLM hands it to a chat template: its text, its `name`, a tool message's `tool_call_id`,
+        and an assistant's `tool_calls` with their arguments as objects (what tool-use templates read; arguments
+        that are not a JSON object become an empty one, so that a bad call in the history does not fail every later
+        turn)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.role == "assistant" and self.tool_calls:
+            message["tool_calls"] = [{**call.model_dump(exclude_none=True),
+                                      "function": {"name": call.function.name,
+                                                   "arguments": _arguments(call.function.arguments)}}
+                                     for call in self.tool_calls]
+        return message
+
+
+def _arguments(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    if isinstance(raw, str) and raw:
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            logger.warning("a tool call's arguments in the history are not JSON; the template sees {}")
+            return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 class ChatCompletionRequest(OpenAIRequest):

@@ -99,7 +99,7 @@ class Serving:
     def chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool,
                   continue_final_message: bool = False) -> str:
         """The tokenizer's chat template, with nothing from the request beyond the messages and the two flags."""
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        conversation = [m.for_template() for m in messages]
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,

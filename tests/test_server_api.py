@@ -12,6 +12,7 @@ import pytest
 from server_harness import ALT_MODEL, MODEL
 
 from engine.sampling_params import SamplingParams
+from server.protocol import ChatMessage
 
 PROMPT = "The three most useful things to pack for a long hike are"
 CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a large mammal."}]
@@ -230,3 +231,21 @@ def test_metrics_names_and_labels(server, client):
     assert server.metric("vllm:generation_tokens_total", model_name=ALT_MODEL) >= 3
     assert server.metric("longserve:requests_total", model_name=ALT_MODEL, attention_backend="dense") >= 1
     assert server.metric("vllm:prefix_cache_queries_total") > 0
+
+
+def test_a_tool_call_history_reaches_the_chat_template_as_vllm_hands_it():
+    calls = [{"role": "user", "content": [{"type": "text", "text": "Weather in"}, {"type": "text", "text": "Paris?"}]},
+             {"role": "assistant", "content": None,
+              "tool_calls": [{"id": "c1", "type": "function",
+                              "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": "18 C"},
+             {"role": "assistant", "tool_calls": [{"id": "c2", "function": {"name": "weather", "arguments": "{bad"}}]}]
+    assert [ChatMessage(**m).for_template() for m in calls] == [
+        {"role": "user", "content": "Weather in\nParis?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 C", "name": "weather", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c2", "type": "function", "function": {"name": "weather", "arguments": {}}}]},
+    ]
