@@ -366,6 +366,19 @@ inline void add_values(int64_t G, float* a, const float* w, int64_t w_stride, Ro
   }
 }
 
+// acc = x @ m for one row x of C channels (`stride` apart) and a row-major C x C matrix, summed in float: a row
+// turned into another basis (Loki's keys as they are stored, its queries as they are scored).
+template <typename scalar_t>
+inline void rotate_row(const scalar_t* x, int64_t stride, const scalar_t* m, int64_t C, float* __restrict acc) {
+  std::fill(acc, acc + C, 0.f);
+  for (int64_t i = 0; i < C; ++i) {
+    const float xi = as_float(x[i * stride]);
+    const scalar_t* r = m + i * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) acc[j] += xi * as_float(r[j]);
+  }
+}
+
 // acc[d] += w * v[d] for one value row.
 template <int64_t kD, typename scalar_t>
 inline void add_scaled(float* __restrict acc, float w, const scalar_t* __restrict v, int64_t D_, int64_t dv) {

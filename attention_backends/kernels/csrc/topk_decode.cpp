@@ -160,16 +160,10 @@ void topk_decode(const torch::Tensor& q, const scalar_t* rotation, const torch::
   for (int64_t bc = 0; bc < B * Hq; ++bc) {
     float* row = qv.data() + bc * D;
     const scalar_t* in = qp + bc * D;
-    if (rotation == nullptr) {
+    if (rotation == nullptr)
       for (int64_t j = 0; j < D; ++j) row[j] = as_float(in[j]);
-      continue;
-    }
-    const scalar_t* r = rotation + (bc % Hq) / (Hq / Hkv) * D * D;
-    for (int64_t i = 0; i < D; ++i) {
-      const float x = as_float(in[i]);
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) row[j] += x * as_float(r[i * D + j]);
-    }
+    else
+      rotate_row(in, 1, rotation + (bc % Hq) / (Hq / Hkv) * D * D, D, row);
   }
   // Each set's query, summed over its heads, on the first d channels (scores rank keys: no scale needed).
   std::vector<float> qlow(B * S * d, 0.f);

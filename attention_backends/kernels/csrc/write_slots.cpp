@@ -31,13 +31,7 @@ void store_rows(torch::Tensor& cache, const torch::Tensor& x, const int64_t* slo
           for (int64_t d = 0; d < C; ++d) out[d * cs.dim] = in[d * xd];
           continue;
         }
-        std::fill(acc, acc + C, 0.f);
-        for (int64_t i = 0; i < C; ++i) {
-          const float xi = as_float(in[i * xd]);
-          const scalar_t* r = rotation + (h * C + i) * C;
-#pragma omp simd
-          for (int64_t j = 0; j < C; ++j) acc[j] += xi * as_float(r[j]);
-        }
+        rotate_row(in, xd, rotation + h * C * C, C, acc);
         for (int64_t j = 0; j < C; ++j) out[j * cs.dim] = static_cast<scalar_t>(acc[j]);
       }
     }
