@@ -33,6 +33,16 @@ constexpr int64_t kMaxDim = 256;
 constexpr int64_t kMergeGrain = 64;  // query heads merged per task: a decode step's few merge on the calling thread
 constexpr int64_t kMaxLinearRows = 16;  // rows `linear_rows` takes: a weight read serves all of them
 
+// Where the kernels' prefetches put what they fetch: the second-level cache (prefetcht1) unless a build asks for the
+// first (`LONGSERVE_CPU_FLAGS=-DLONGSERVE_PREFETCH_LOCALITY=3`). On a Zen 4 EPYC a layer's decode at 8k ran no faster
+// prefetching into the first level than not prefetching at all; into the second, a layer's decode, Loki's op and a
+// decode step's linear layers took 0.56-0.81x the time (BENCHMARKS.md). On a Zen 5 EPYC an earlier decode, which
+// prefetched a whole block at once, had taken 8-10% longer prefetching into the second level than into the first.
+#ifndef LONGSERVE_PREFETCH_LOCALITY
+#define LONGSERVE_PREFETCH_LOCALITY 2
+#endif
+constexpr int kPrefetchLocality = LONGSERVE_PREFETCH_LOCALITY;
+
 struct Strides {
   int64_t block, pos, head, dim;
   explicit Strides(const torch::Tensor& cache)
@@ -172,7 +182,7 @@ struct StridedRows {
   template <int64_t kD>
   void prefetch_ahead(int64_t t) const {
     if (ahead != nullptr)
-      for (int64_t c = 0; c < kD; c += 16) __builtin_prefetch(ahead + t * stride + c, 0, 3);
+      for (int64_t c = 0; c < kD; c += 16) __builtin_prefetch(ahead + t * stride + c, 0, kPrefetchLocality);
   }
 };
 
@@ -247,7 +257,7 @@ inline void score_channels(const scalar_t* __restrict k, int64_t dk, int64_t t, 
   Lanes acc[kG][kV] = {};
   for (int64_t d = 0; d < D; ++d) {
     if (ahead != nullptr)  // the same keys of the block read next, as `StridedRows` does
-      for (int v = 0; v < kV; ++v) __builtin_prefetch(ahead + d * dk + t + kLanes * v, 0, 3);
+      for (int v = 0; v < kV; ++v) __builtin_prefetch(ahead + d * dk + t + kLanes * v, 0, kPrefetchLocality);
     Lanes kd[kV];
     for (int v = 0; v < kV; ++v) kd[v] = load_lanes(k + d * dk + t + kLanes * v);
     for (int g = 0; g < kG; ++g) {
@@ -435,9 +445,8 @@ inline T* scratch(int64_t n) {
   return reinterpret_cast<T*>((address + 63) & ~std::uintptr_t{63});
 }
 
-// Into the first-level cache by default: what is prefetched is read a block or two later (into the second level
-// only, a layer's decode at 8k took 8-10% longer). kLocality 2: into the second level only, for what is read later.
-template <int kLocality = 3>
+// kLocality 2: into the second level whatever the build's choice, for what is read later still.
+template <int kLocality = kPrefetchLocality>
 inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, kLocality);
 }

@@ -2,13 +2,12 @@
 //
 // With a handful of rows (a decode step's sequences) a linear layer reads its whole weight to do little arithmetic
 // with it, so it should run at the speed the weight streams from memory, however many rows share the read. The
-// output columns go in tiles of kTile weight rows: a tile is read from memory once (kR rows side by side,
-// sequential streams the hardware prefetcher follows alone for one row of x; with more rows each pass computes
-// longer, and prefetching the next kR weight rows during it keeps the reads ahead) and then serves every group of
-// up to 8 rows of x from the core's cache. Within a group each weight vector loaded is used by all the group's rows
-// and each row vector by kR weight rows, with the M x kR sums in registers: with fewer sums in flight the loop
-// waits on loads and on the sums' own latency (one accumulator per row and weight row ran 4 rows at half the
-// streaming rate).
+// output columns go in tiles of kTile weight rows: a tile is read from memory once (kR rows side by side, the next kR
+// prefetched meanwhile: for one row of x on a Zen 4 EPYC, the hardware prefetcher alone took 1.24x the time) and then
+// serves every group of up to 8 rows of x from the core's cache. Within a group each weight vector loaded is used by
+// all the group's rows and each row vector by kR weight rows, with the M x kR sums in registers: with fewer sums in
+// flight the loop waits on loads and on the sums' own latency (one accumulator per row and weight row ran 4 rows at
+// half the streaming rate).
 
 #include <ATen/Parallel.h>
 
@@ -37,7 +36,7 @@ void columns(const float* __restrict x, const float* __restrict w, float* __rest
       Lanes wv[R];
       for (int r = 0; r < R; ++r) {
         wv[r] = load_lanes(w + (o + r) * in + i);
-        if constexpr (M > 1) __builtin_prefetch(w + (o + R + r) * in + i, 0, 3);
+        __builtin_prefetch(w + (o + R + r) * in + i, 0, kPrefetchLocality);
       }
       for (int m = 0; m < M; ++m) {
         const Lanes xv = load_lanes(x + m * in + i);

@@ -258,8 +258,8 @@ void topk_decode(const torch::Tensor& q, const scalar_t* rotation, const torch::
         }
       }
       if (krow) {
-        // Keys prefetched a chunk ahead into the first-level cache; each chunk's values into the second while its
-        // keys are scored, ready for the pass over values.
+        // Keys prefetched a chunk ahead; each chunk's values into the second-level cache while its keys are scored,
+        // ready for the pass over values.
         for (int64_t j = 0; j < n; j += 16) {
           for (int64_t t = j + 16; t < std::min(n, j + 32); ++t) prefetch(krow[t], row_bytes);
           for (int64_t t = j; t < std::min(n, j + 16); ++t) prefetch<2>(vrow[t], row_bytes);
