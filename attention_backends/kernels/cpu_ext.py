@@ -48,22 +48,30 @@ def _cpu() -> str:
     return "\n".join(next((ln for ln in lines if ln.startswith(key)), "") for key in keys)
 
 
-def _name() -> str:
+def _name(flags: tuple[str, ...]) -> str:
     # One build per environment: an extension is tied to the torch it was compiled against, and torch's loader
     # would rebuild one shared by two venvs at every switch (their include paths differ). One per CPU and extra
     # flags too: torch's loader rebuilds on changed flags, not on another machine, which would load a build that
     # uses instructions it lacks.
-    key = "\0".join([sys.prefix, _cpu(), *_extra_flags()])
+    key = "\0".join([sys.prefix, _cpu(), *flags])
     return ("longserve_cpu_" + "".join(c if c.isalnum() else "_" for c in torch.__version__) + "_"
             + hashlib.sha256(key.encode()).hexdigest()[:8])
 
 
 @cache
 def load() -> ModuleType:
+    """The kernels as this process runs them: built with `LONGSERVE_CPU_FLAGS` added."""
+    return build(tuple(_extra_flags()))
+
+
+@cache
+def build(flags: tuple[str, ...] = ()) -> ModuleType:
+    """The kernels built with `flags` added to the compiler's (a build of its own): a benchmark compares two builds in
+    one process so."""
     from torch.utils.cpp_extension import load as load_extension
 
-    return load_extension(_name(), [str(s) for s in SOURCES],
-                          extra_cflags=[*FLAGS, *_extra_flags(), f"-DLONGSERVE_CSRC={_digest()}"],
+    return load_extension(_name(flags), [str(s) for s in SOURCES],
+                          extra_cflags=[*FLAGS, *flags, f"-DLONGSERVE_CSRC={_digest()}"],
                           extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("LONGSERVE_VERBOSE_BUILD")))
 
 
