@@ -47,6 +47,14 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def pool(layout: str, context: int) -> tuple[int, int, int]:
+    """(block size, blocks a sequence of `context` tokens uses, blocks in the pool) for `layout`'s cache: a pool with
+    free blocks, so that a shuffled table's ids are scattered."""
+    bs = 16 if layout == "longserve" else 32
+    used = -(-context // bs)
+    return bs, used, used + used // 4
+
+
 def layer_cache(layout: str, nb: int, bs: int, g: torch.Generator, huge: bool = False) -> tuple[torch.Tensor, ...]:
     """(k_cache, v_cache, low-rank keys) of one layer in `layout`; `huge`: on 2 MiB pages (`huge_pages.py`)."""
     def placed(x: torch.Tensor) -> torch.Tensor:  # a contiguous copy, on 2 MiB pages if `huge`
@@ -73,9 +81,7 @@ def main() -> None:
     ap.add_argument("--layout", choices=["longserve", "vllm-cpu", "vllm-rows"], default="longserve")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    bs = 16 if args.layout == "longserve" else 32
-    used = -(-args.context // bs)
-    nb = used + used // 4  # a pool with free blocks, so the table's ids are scattered
+    bs, used, nb = pool(args.layout, args.context)
     # The same caches on 4 KiB and on 2 MiB pages
     caches = {huge: [layer_cache(args.layout, nb, bs, filler, huge) for _ in range(args.layers)]
               for huge, filler in ((False, torch.Generator().manual_seed(1)), (True, torch.Generator().manual_seed(1)))}

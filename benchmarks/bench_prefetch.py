@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from bench_decode_kernel import HKV, HQ, D, interleaved_medians, layer_cache
+from bench_decode_kernel import HKV, HQ, D, interleaved_medians, layer_cache, pool
 from bench_linear_rows import model_weights
 
 from attention_backends.kernels import cpu_ext
@@ -34,9 +34,7 @@ def decode_ops(context: int) -> dict[str, Callable]:
     g = torch.Generator().manual_seed(0)
     ops = {}
     for layout, cache_name in CACHES.items():
-        bs = 16 if layout == "longserve" else 32
-        used = -(-context // bs)
-        nb = used + used // 4  # a pool with free blocks, so the table's ids are scattered
+        bs, used, nb = pool(layout, context)
         caches = [layer_cache(layout, nb, bs, g, huge=True) for _ in range(LAYERS)]
         table = torch.randperm(nb, generator=g)[:used]
         q = torch.randn(1, HQ, D, generator=g)
