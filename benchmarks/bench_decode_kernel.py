@@ -10,7 +10,7 @@ run twice, on the same caches on 4 KiB and on 2 MiB pages (`huge_pages.py`, how 
 Targets: dense >= 10 GB/s (issue 19); Loki's share of dense's time is what its TPOT target rests on (issue 17).
 
     .venv/bin/python benchmarks/bench_decode_kernel.py [--context 8192] [--layers 30] [--repeats 20]
-        [--layout longserve|vllm-cpu|vllm-rows]
+        [--layout longserve|vllm-cpu|vllm-rows] [--block-size 16]
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def pool(layout: str, context: int) -> tuple[int, int, int]:
+def pool(layout: str, context: int, block_size: int | None = None) -> tuple[int, int, int]:
     """(block size, blocks a sequence of `context` tokens uses, blocks in the pool) for `layout`'s cache: a pool with
-    free blocks, so that a shuffled table's ids are scattered."""
-    bs = 16 if layout == "longserve" else 32
+    free blocks, so that a shuffled table's ids are scattered. The block size is the layout's own (longserve 16,
+    vLLM 32) unless one is given."""
+    bs = block_size or (16 if layout == "longserve" else 32)
     used = -(-context // bs)
     return bs, used, used + used // 4
 
@@ -79,9 +80,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="the embedded model has 30")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--layout", choices=["longserve", "vllm-cpu", "vllm-rows"], default="longserve")
+    ap.add_argument("--block-size", type=int, help="tokens a block (default: the layout's, 16 or 32)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    bs, used, nb = pool(args.layout, args.context)
+    bs, used, nb = pool(args.layout, args.context, args.block_size)
     # The same caches on 4 KiB and on 2 MiB pages
     caches = {huge: [layer_cache(args.layout, nb, bs, filler, huge) for _ in range(args.layers)]
               for huge, filler in ((False, torch.Generator().manual_seed(1)), (True, torch.Generator().manual_seed(1)))}
@@ -102,8 +104,8 @@ def main() -> None:
     medians = interleaved_medians(steps, args.repeats)
     errs = ", ".join(f"{name} " + " / ".join(f"{(outs[name, 'cpp', huge] - outs[name, 'torch', False]).abs().max():.1e}"
                                              for huge in (False, True)) for name in ("dense", "loki"))
-    print(f"context {args.context}, layout {args.layout}, {args.layers} layers in turn, {torch.get_num_threads()} "
-          f"threads, max |cpp - torch| on 4 KiB / 2 MiB pages: {errs}")
+    print(f"context {args.context}, layout {args.layout}, {bs}-token blocks, {args.layers} layers in turn, "
+          f"{torch.get_num_threads()} threads, max |cpp - torch| on 4 KiB / 2 MiB pages: {errs}")
     print("| op | kernels | pages | time per layer | vs dense reference | vs 4 KiB pages | K/V read |")
     print("|---|---|---|---|---|---|---|")
     base = medians["dense", "torch", False]
