@@ -130,18 +130,17 @@ void attend_tile(Group& g, const float* qt, float* ot, const scalar_t* const* ke
     for (int64_t r = 0; r < kRows; ++r) top[r] = std::max(top[r], st[r]);
   }
 #pragma omp simd
-  for (int64_t r = 0; r < kRows; ++r) {
-    base[r] = top[r] == kMinusInf ? 0.f : top[r];  // a row that has seen no key yet: its sums stay 0
-    rescale[r] = exp_nonpositive(g.max[r] - base[r]);
-  }
+  for (int64_t r = 0; r < kRows; ++r) base[r] = top[r] == kMinusInf ? 0.f : top[r];  // no key seen yet: sums stay 0
   Lanes b[kVecs], sums[kVecs] = {};
-  for (int v = 0; v < kVecs; ++v) b[v] = load_lanes(base + kLanes * v);
-  const Lanes hidden = Lanes{} + kMinusInf;
+  for (int v = 0; v < kVecs; ++v) {
+    b[v] = load_lanes(base + kLanes * v);
+    const Lanes f = exp2_lanes(load_lanes(g.max + kLanes * v) - b[v]);
+    std::memcpy(rescale + kLanes * v, &f, sizeof f);
+  }
   for (int64_t t = 0; t < padded; ++t) {
     float* st = s + t * kRows;
     for (int v = 0; v < kVecs; ++v) {
-      const Lanes x = load_lanes(st + kLanes * v);
-      const Lanes e = x == hidden ? Lanes{} : exp_lanes(x - b[v]);
+      const Lanes e = exp2_lanes(load_lanes(st + kLanes * v) - b[v]);
       std::memcpy(st + kLanes * v, &e, sizeof e);
       sums[v] += e;
     }
@@ -184,7 +183,7 @@ void prefill(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_
   const int64_t q0 = q.stride(0), q1 = q.stride(1), q2 = q.stride(2);
   const int64_t o0 = out.stride(0), o1 = out.stride(1), o2 = out.stride(2);
   const int64_t no_window = window > 0 ? window : start + T + 1;
-  const float qscale = static_cast<float>(scale);
+  const float qscale = static_cast<float>(scale * 1.4426950408889634);  // scores in base 2: `exp2_lanes` takes them
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
