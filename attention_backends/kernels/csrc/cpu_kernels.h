@@ -83,13 +83,24 @@ constexpr float kExpFloor = -87.0f;
 constexpr float kExpRound = 12582912.0f;       // 1.5 * 2^23: x + kExpRound holds round(x) in its low bits
 constexpr int32_t kExpRoundBits = 0x4B400000;  // kExpRound's own bits
 
+// 2^n for the integer n >= -126 that `shifted` = n + 1.5 * 2^23 holds in its low bits, of a float or lane by lane.
+template <typename V>
+inline V pow2_of_shifted(V shifted) {
+  using Bits = std::conditional_t<std::is_same_v<V, float>, int32_t, LaneBits>;
+  Bits bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - kExpRoundBits + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+
 // exp(x) for x <= 0 to about one ulp (Cephes' expf), of a float or lane by lane of `Lanes`, in a form loops over it
 // vectorize (std::exp does not): 2^n * e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, n found by adding
 // 1.5 * 2^23 (the sum's low bits are n). Below -87 the result (< 2^-125) is kept normal: against a row's sum of
 // exponentials (>= 1) it is nothing.
 template <typename V>
 inline V exp_nonpositive(V x) {
-  using Bits = std::conditional_t<std::is_same_v<V, float>, int32_t, LaneBits>;
   x = x < kExpFloor ? V{} + kExpFloor : x;
   const V shifted = x * kLog2e + kExpRound;
   const V n = shifted - kExpRound;
@@ -97,12 +108,7 @@ inline V exp_nonpositive(V x) {
   V p = V{} + kExpPoly[0];
   for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r * r + r + 1.0f;
-  Bits bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - kExpRoundBits + 127) << 23;
-  V scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * pow2_of_shifted(shifted);
 }
 
 template <typename scalar_t>
@@ -122,8 +128,8 @@ inline Lanes load_lanes(const scalar_t* p) {
 // with n = round(x) and |f| <= 1/2, 2^f by Cephes' exp2f polynomial. Prefill keeps its scores in base 2 (its queries
 // scaled by log2 e) for this: e^x through `exp_nonpositive`'s steps also multiplies by log2 e and subtracts n ln 2 in
 // two parts, and the hidden keys took a compare and a blend of their own (a chunk took 1.02-1.05x the time on a Zen 4
-// EPYC that way). With AVX-512, n is rounded by one
-// instruction and 2^n applied by another (vrndscaleps, vscalefps, masked to 0 below the floor).
+// EPYC that way). With AVX-512, n is rounded by one instruction and 2^n applied by another (vrndscaleps, vscalefps,
+// the latter masked to 0 below the floor).
 constexpr float kExp2Floor = -126.0f;
 constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
                                5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f};
@@ -145,12 +151,7 @@ inline Lanes exp2_lanes(Lanes x) {
   Lanes p = Lanes{} + kExp2Poly[0];
   for (int i = 1; i < 6; ++i) p = p * f + kExp2Poly[i];
   p = p * f + 1.0f;
-  LaneBits bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits = (bits - kExpRoundBits + 127) << 23;
-  Lanes scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < kExp2Floor ? Lanes{} : p * scale;
+  return x < kExp2Floor ? Lanes{} : p * pow2_of_shifted(shifted);
 #endif
 }
 
